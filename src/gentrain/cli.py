@@ -1,0 +1,102 @@
+"""The `gentrain` command: picks the verb, checks the overrides, and turns user errors into one line.
+
+    gentrain [overrides]             train (gentrain.train)
+    gentrain sample ckpt=PATH ...    draw images from a checkpoint (gentrain.sample)
+
+Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job` work for each.
+"""
+
+import functools
+import sys
+from pathlib import Path
+
+from gentrain import GentrainError
+
+VERBS = ("train", "sample")
+
+
+def fail(message: str, code: int = 2):
+    print(f"gentrain: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def reported(task):
+    """Wrap a Hydra task so a GentrainError (or a GPU out of memory) ends in one line, not a traceback."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        import torch
+
+        try:
+            return task(cfg)
+        except GentrainError as e:
+            fail(str(e), e.exit_code)
+        except torch.cuda.OutOfMemoryError:
+            fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
+
+    return wrapper
+
+
+def _one_line(e: Exception) -> str:
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, choice = e.missing_cfg_file.rpartition("/")
+        return f"{group}={choice} is not an option; choose from {', '.join(sorted(e.options))}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return " ".join(lines[:2] + lines[-1:] if len(lines) > 3 else lines)
+
+
+def check_overrides(verb: str, args: list[str]) -> None:
+    """Compose the config of every job the command line asks for before Hydra runs any of them, so a
+    bad override (unknown group option, misspelt key, bad value) is one clear line and nothing runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gentrain.config import check_train, config_dir
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # Hydra's own flags (--help, --cfg, ...): Hydra handles those
+    multirun = "-m" in args or "--multirun" in args
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+        with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=verb):
+            for job in jobs:
+                cfg = compose(verb, overrides=job)
+                if verb == "train" and not cfg.resume:
+                    check_train(cfg)
+    except GentrainError as e:
+        fail(str(e))
+    except Exception as e:  # Hydra's composition and parse errors
+        fail(_one_line(e))
+
+
+def _resume_dir(args: list[str]) -> str | None:
+    """A resumed run continues in its own folder: point Hydra's run dir there, keeping its .hydra/."""
+    from gentrain.checkpoint import run_dir_of
+
+    for a in args:
+        if a.startswith("resume=") and a != "resume=null" and len(a) > len("resume="):
+            if not any(b.startswith("hydra.run.dir=") for b in args):
+                return str(run_dir_of(Path(a.split("=", 1)[1]).expanduser()))
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verb = args.pop(0) if args and args[0] in VERBS else "train"
+    check_overrides(verb, args)
+    if verb == "train" and "-m" not in args and "--multirun" not in args and (run := _resume_dir(args)):
+        args += [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
+    sys.argv = [f"gentrain {verb}" if verb != "train" else "gentrain", *args]
+    if verb == "sample":
+        from gentrain.sample import main as task
+    else:
+        from gentrain.train import main as task
+    task()

@@ -1,0 +1,135 @@
+"""Datasets decoded once into uint8 image tensors, and the deterministic batch order the loop draws from."""
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from gentrain import GentrainError
+
+# torchvision class, folder under root, and the files it needs there (any one archive form will do)
+TORCHVISION = {
+    "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
+              "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or their .gz)"),
+    "fashion_mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw",
+                      "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or their .gz)"),
+    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py",
+                "data_batch_1..5 and test_batch (or cifar-10-python.tar.gz in the root)"),
+}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor          # (N, C, H, W) uint8
+    labels: torch.Tensor | None   # (N,) int64, or None for an unlabelled folder
+    num_classes: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+
+def load(dataset_cfg, split: str = "train") -> ImageData:
+    """The images of a dataset config's split, resized to dataset.image_size."""
+    name, size = dataset_cfg.name, dataset_cfg.image_size
+    if name == "folder":
+        return _load_folder(dataset_cfg)
+    if name not in TORCHVISION:
+        raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join([*TORCHVISION, 'folder'])}")
+    data = _load_torchvision(name, Path(str(dataset_cfg.root)).expanduser(), split, dataset_cfg.get("download", True))
+    if data.image_size != size:
+        data.images = torch.cat([TF.resize(chunk, [size, size], antialias=True)
+                                 for chunk in data.images.split(4096)])
+    return data
+
+
+def _load_torchvision(name: str, root: Path, split: str, download: bool) -> ImageData:
+    cls, folder, files = TORCHVISION[name]
+    log = io.StringIO()
+    try:
+        # torchvision prints each download attempt; keep that for the error message instead.
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds = cls(str(root), train=split == "train", download=download)
+    except Exception as e:
+        reason = "downloads are off (dataset.download=false)" if not download else "and it could not be downloaded"
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise GentrainError(f"{name} not found in {root / folder} (expected {files}) {reason}: {detail}. "
+                            f"Put the files there or set dataset.root to a folder that has them") from None
+    images = torch.as_tensor(ds.data)
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    return ImageData(images.contiguous(), labels, num_classes=len(ds.classes))
+
+
+def _decode(path: Path, channels: int, background: str, size: int) -> torch.Tensor:
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            # Composite transparency explicitly: converting RGBA to RGB would expose whatever colour
+            # the transparent pixels happen to store.
+            rgba = img.convert("RGBA")
+            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if background == "white" else (0, 0, 0, 255))
+            img.alpha_composite(rgba)
+        img = img.convert("L" if channels == 1 else "RGB")
+        return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size))
+
+
+def _load_folder(cfg) -> ImageData:
+    if cfg.root is None or not Path(str(cfg.root)).expanduser().is_dir():
+        raise GentrainError(f"dataset.root={cfg.root} is not a folder; point it at a folder of images")
+    root = Path(str(cfg.root)).expanduser()
+    if cfg.channels not in (1, 3) or cfg.background not in ("white", "black"):
+        raise GentrainError(f"dataset.channels must be 1 or 3 and dataset.background white or black, "
+                            f"got {cfg.channels!r} and {cfg.background!r}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    images, bad = [], []
+    for path in files:
+        try:
+            images.append(_decode(path, cfg.channels, cfg.background, cfg.image_size))
+        except Exception as e:  # PIL raises many types for broken files
+            bad.append((path, e))
+    if bad and (not cfg.skip_bad or not images):
+        path, e = bad[0]
+        raise GentrainError(f"{len(bad)} of {len(files)} image files under {root} cannot be decoded "
+                            f"(first: {path}: {type(e).__name__}); fix or remove them, or set dataset.skip_bad=true")
+    return ImageData(torch.stack(images), None)
+
+
+class Batches:
+    """Shuffled batches, one epoch after another, dropping the last partial batch.
+
+    Batch `step` is a pure function of (seed, step), so a resumed run draws exactly the batches the
+    uninterrupted run would have. The uint8 images sit on the training device when they fit, so a
+    batch costs one gather and one conversion, and no loader workers.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
+        n = len(data.images)
+        if batch_size > n:
+            raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
+        on_device = device.type == "cpu" or data.images.nbytes < 2**31
+        self.images = data.images.to(device) if on_device else data.images.pin_memory()
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        x = self.images[idx].to(self.device, non_blocking=True)
+        return x.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]

@@ -1,0 +1,206 @@
+"""The training loop shared by every model family.
+
+It owns devices, mixed precision, optimizer steps, logging, sample grids and checkpoints. A family
+supplies `phases` and `loss(phase, x)` (GAN: "D" then "G"; VAE: "vae"); the loop runs each phase
+with its own optimizer and knows nothing else about the model.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torchvision.utils import save_image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from gentrain import GentrainError, Interrupted, checkpoint
+from gentrain.data import Batches, ImageData
+
+log = logging.getLogger("gentrain")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GentrainError("trainer.device=cuda but torch sees no CUDA GPU; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Images in [-1, 1] as one PNG grid, about square unless nrow is given."""
+    nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
+    save_image(images.float(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+class _StopOnSignal:
+    """Ctrl-C / SIGTERM set a flag the loop reads between steps, so the checkpoint it then writes is
+    taken at a step boundary; a second Ctrl-C falls back to Python's default and stops at once."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, ckpt: dict | None = None):
+    """Train `model` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt` resumes."""
+    t = cfg.trainer
+    device = pick_device(t.device)
+    amp_dtype = pick_precision(t.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True         # fixed shapes: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    is_main = int(os.environ.get("RANK", "0")) == 0   # only rank 0 writes files
+
+    model.to(device).train()
+    optimizers = {p: make_optimizer(model.phase_parameters(p)) for p in model.phases}
+    # fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
+    scalers = {p: torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16) for p in model.phases}
+    step, seconds, sums, logged_at = 0, 0.0, {}, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        for p in model.phases:
+            optimizers[p].load_state_dict(ckpt["optim"][p])
+            scalers[p].load_state_dict(ckpt["scaler"][p])
+        step, seconds = ckpt["step"], ckpt["seconds"]
+        sums = {k: v.to(device) for k, v in ckpt["log"]["sums"].items()}
+        logged_at = ckpt["log"]["logged_at"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    batches = Batches(data, t.batch_size, cfg.seed, device)
+    # One fixed noise batch for every sample grid, so grids over training show the same latents.
+    fixed_z = model.noise(t.n_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        if step == 0:
+            save_grid(batches(0)[:t.n_samples], run_dir / "reals.png")
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    # The first step whose loss was not finite, kept on the device: checking it costs a host sync,
+    # so it is read only where the loop syncs anyway (log, sample and checkpoint steps).
+    bad_step = torch.tensor(-1, device=device)
+
+    def check_finite(done: int) -> None:
+        bad = int(bad_step)
+        if bad >= 0:
+            last = ckpt_dir / "last.pt"
+            kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
+            raise GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
+                                f"({kept}); lower optim.lr or use trainer.precision=fp32")
+
+    def write_checkpoint(done: int, keep: bool) -> None:
+        check_finite(done)
+        if not is_main:
+            return
+        state = {
+            "family": cfg.model.family,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes},
+            "step": done,
+            "seconds": seconds + time.perf_counter() - t0,
+            "model": model.state_dict(),
+            "optim": {p: o.state_dict() for p, o in optimizers.items()},
+            "scaler": {p: s.state_dict() for p, s in scalers.items()},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "log": {"sums": {k: v.cpu() for k, v in sums.items()}, "logged_at": logged_at},
+        }
+        checkpoint.save(state, ckpt_dir / "last.pt", also=ckpt_dir / f"step_{done:07d}.pt" if keep else None)
+
+    t0 = tick = time.perf_counter()
+    tick_step = step
+    bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
+    with _StopOnSignal() as stop, logging_redirect_tqdm():
+        log.info("training %s on %s (%d images, %dx%d) on %s%s, from step %d to %d, run folder %s",
+                 cfg.model.family, cfg.dataset.name, len(data.images), data.image_size, data.image_size,
+                 device, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
+        while step < t.steps:
+            x = batches(step)
+            for phase in model.phases:
+                # Only this phase's parameters collect gradients (G's step does not fill D's .grad).
+                model.requires_grad_(False)
+                for p in model.phase_parameters(phase):
+                    p.requires_grad_(True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, stats = model.loss(phase, x)
+                optimizers[phase].zero_grad(set_to_none=True)
+                scalers[phase].scale(loss).backward()
+                scalers[phase].step(optimizers[phase])
+                scalers[phase].update()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+                for k, v in stats.items():
+                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+            step += 1
+            bar.update(1)
+
+            if step % t.log_every == 0 or step == t.steps:
+                check_finite(step)
+                values = dict(zip(sums, (torch.stack(list(sums.values())) / (step - logged_at)).tolist()))
+                now = time.perf_counter()
+                record = {"step": step, **values, "img_per_s": (step - tick_step) * t.batch_size / (now - tick),
+                          "seconds": seconds + now - t0}
+                if is_main:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"})
+                log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
+                         "  ".join(f"{k} {v:.4g}" for k, v in values.items()), record["img_per_s"])
+                sums, logged_at, tick, tick_step = {}, step, now, step
+
+            if is_main and (step % t.sample_every == 0 or step == t.steps):
+                check_finite(step)
+                model.eval()
+                with torch.no_grad():
+                    save_grid(model.sample(fixed_z), sample_dir / f"step_{step:07d}.png")
+                model.train()
+
+            if step % t.ckpt_every == 0 or step == t.steps:
+                write_checkpoint(step, keep=step % t.ckpt_every == 0)
+
+            if stop.requested:
+                write_checkpoint(step, keep=False)
+                raise Interrupted(f"interrupted at step {step}; checkpoint written to {ckpt_dir / 'last.pt'}; "
+                                  f"continue with: gentrain resume={run_dir}")
+    bar.close()
+    log.info("done: %d steps; checkpoint %s, samples in %s", step, ckpt_dir / "last.pt", sample_dir)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old log lines first."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))

@@ -1,0 +1,47 @@
+"""`gentrain [overrides]`: build the objects a run needs from its config, then hand them to the loop."""
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gentrain import GentrainError, checkpoint, data, loop, models
+from gentrain.cli import reported
+from gentrain.config import GROUPS, check_train, config_dir
+
+
+def resumed_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
+    """The checkpoint's own config, with the key overrides given on this command line on top."""
+    merged = OmegaConf.create(ckpt["config"])
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key in GROUPS:
+            raise GentrainError(f"{key}= cannot change when resuming: the run keeps its config; "
+                                f"key overrides such as trainer.steps=N can")
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+    merged.resume = cfg.resume
+    return merged
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+@reported
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.load(cfg.resume)
+        cfg = resumed_config(cfg, ckpt)
+        run_dir = checkpoint.run_dir_of(checkpoint.resolve(cfg.resume))
+    elif (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "metrics.jsonl").exists():
+        raise GentrainError(f"{run_dir} already holds a run; continue it with resume={run_dir} "
+                            f"or pick another hydra.run.dir")
+    check_train(cfg)
+    torch.manual_seed(cfg.seed)
+    train_data = data.load(cfg.dataset, split="train")
+    model = models.build(cfg.model, train_data.channels, train_data.image_size)
+    loop.train(cfg, model, train_data, instantiate(cfg.optim, _convert_="all"), run_dir, ckpt)
