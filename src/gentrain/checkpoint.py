@@ -61,22 +61,26 @@ def save(ckpt: dict, path: Path, also: Path | None = None) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise GentrainError(f"could not write checkpoint {path}: {e.strerror or e}; "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"is the disk full? {str(e).splitlines()[0]}"
+        raise GentrainError(f"could not write checkpoint {path} ({reason}); "
                             f"the previous checkpoint there is intact") from None
 
 
 def load(path) -> dict:
     """Read and check a gentrain checkpoint; every way it can be wrong ends in one GentrainError."""
     path = resolve(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise GentrainError(f"{path} is not a gentrain checkpoint (not a PyTorch file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise GentrainError(f"{path} holds Python objects that a gentrain checkpoint never contains; "
                                 f"refusing to load it (nothing in it was run)") from None
-        raise GentrainError(f"{path} is not a gentrain checkpoint (not a PyTorch file)") from None
+        raise GentrainError(f"cannot read checkpoint {path}: it is corrupt ({str(e).splitlines()[0]})") from None
     except Exception as e:  # truncated zip, bad CRC, EOF, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GentrainError(f"cannot read checkpoint {path}: it is truncated or corrupt ({first})") from None

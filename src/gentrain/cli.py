@@ -26,11 +26,14 @@ def reported(task):
     @functools.wraps(task)
     def wrapper(cfg):
         import torch
+        from omegaconf.errors import MissingMandatoryValue
 
         try:
             return task(cfg)
         except GentrainError as e:
             fail(str(e), e.exit_code)
+        except MissingMandatoryValue as e:
+            fail(f"{e.full_key} has no value; set it on the command line: {e.full_key}=...")
         except torch.cuda.OutOfMemoryError:
             fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
 
@@ -47,7 +50,7 @@ def _one_line(e: Exception) -> str:
     cause = e.__cause__
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
-    return " ".join(lines[:2] + lines[-1:] if len(lines) > 3 else lines)
+    return "; ".join(ln.rstrip(".") for ln in lines[:5])
 
 
 def check_overrides(verb: str, args: list[str]) -> None:

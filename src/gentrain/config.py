@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gentrain import GentrainError
 
@@ -31,6 +31,10 @@ def _positive(cfg, key, kind=int):
 
 def check_train(cfg: DictConfig) -> None:
     """Reject values that would fail later, or silently train something else, with one clear line."""
+    missing = [f"{g}.{k}" for g in ("dataset", "model", "trainer", "optim")
+               for k in cfg[g] if OmegaConf.is_missing(cfg[g], k)]
+    if missing:
+        raise GentrainError(f"{missing[0]} has no value; set it on the command line: {missing[0]}=...")
     for key in ("trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.sample_every",
                 "trainer.ckpt_every", "trainer.n_samples", "model.z_dim", "model.ch"):
         _positive(cfg, key)

@@ -88,6 +88,8 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         model.load_state_dict(ckpt["model"])
         for p in model.phases:
             optimizers[p].load_state_dict(ckpt["optim"][p])
+            for group in optimizers[p].param_groups:  # hyperparameters follow the config (optim.lr=... on resume)
+                group.update(optimizers[p].defaults)
             scalers[p].load_state_dict(ckpt["scaler"][p])
         step, seconds = ckpt["step"], ckpt["seconds"]
         sums = {k: v.to(device) for k, v in ckpt["log"]["sums"].items()}
@@ -105,7 +107,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         sample_dir.mkdir(parents=True, exist_ok=True)
         if step == 0:
             save_grid(batches(0)[:t.n_samples], run_dir / "reals.png")
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _truncate_metrics(run_dir / "metrics.jsonl", logged_at)
 
     # The first step whose loss was not finite, kept on the device: checking it costs a host sync,
     # so it is read only where the loop syncs anyway (log, sample and checkpoint steps).
@@ -176,7 +178,8 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"})
                 log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()), record["img_per_s"])
-                sums, logged_at, tick, tick_step = {}, step, now, step
+                if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
+                    sums, logged_at, tick, tick_step = {}, step, now, step
 
             if is_main and (step % t.sample_every == 0 or step == t.steps):
                 check_finite(step)
@@ -197,7 +200,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: drop their old log lines first."""
+    """A resumed run logs again from the checkpoint's last full log interval: drop later lines first."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)

@@ -86,4 +86,4 @@ def main(cfg: DictConfig) -> None:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, nrow)
-        print(f"wrote a {cfg.mode} grid of {len(images)} images to {out}")
+        print(f"wrote {cfg.mode} grid ({len(images)} images) to {out}")

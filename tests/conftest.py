@@ -1,0 +1,59 @@
+"""Shared fixtures: the real test data from ../shared/data, and a runner for the `gentrain` CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GENTRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """MNIST and Fashion-MNIST unpacked once per session into torchvision's layout."""
+    if not (SHARED / "unpack.sh").is_file():
+        pytest.skip(f"needs the shared test data at {SHARED} (set GENTRAIN_SHARED_DATA to its folder)")
+    dest = tmp_path_factory.mktemp("data")
+    subprocess.run(["bash", str(SHARED / "unpack.sh"), str(dest)], check=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def emoji_dir() -> Path:
+    folder = SHARED / "noto-emoji" / "png128"
+    if not folder.is_dir():
+        pytest.skip(f"needs the shared emoji folder at {folder}")
+    return folder
+
+
+@pytest.fixture
+def gentrain(tmp_path, data_root):
+    """Run `python -m gentrain ARGS` in a fresh folder with the test data as the default root."""
+
+    def run(*args, cwd=None, check=True, timeout=300, env=None):
+        full_env = {**os.environ, "GENTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd or tmp_path,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def assert_one_line_error(proc, *fragments):
+    """A user error: non-zero exit, exactly one line on stderr that names the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gentrain: error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# Small, fast settings for CLI runs: a few steps with every kind of output written.
+FAST = ["trainer.batch_size=32", "trainer.log_every=2", "trainer.sample_every=2", "trainer.ckpt_every=2",
+        "trainer.n_samples=16", "model.ch=16"]

@@ -1,0 +1,81 @@
+"""Every config composes, and the value checks reject what would fail later."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gentrain import GentrainError
+from gentrain.config import check_train, config_dir
+
+CONFIGS = config_dir()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "optim", "trainer", "experiment"])
+def test_every_option_of_every_group_composes(group):
+    assert options(group), f"configs/{group} is empty"
+    for choice in options(group):
+        extra = ["dataset.root=/some/images"] if (group, choice) == ("dataset", "folder") else []
+        cfg = compose_train(f"{group}={choice}", *extra)
+        check_train(cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_each_family_picks_its_own_optimizer_defaults():
+    assert compose_train("model=gan").optim.betas == [0.5, 0.999]
+    vae = compose_train("model=vae")
+    assert vae.optim.lr == 1e-3 and vae.optim.betas == [0.9, 0.999]
+    assert compose_train("model=vae", "optim=adamw").optim._target_ == "torch.optim.AdamW"
+
+
+def test_experiment_presets_set_their_family():
+    vae = compose_train("experiment=vae_mnist")
+    assert vae.model.family == "vae" and vae.optim.lr == 1e-3  # the family's optimizer follows the preset
+    assert compose_train("experiment=dcgan_mnist").model.family == "gan"
+    # the command line has the last word over a preset, as everywhere in Hydra
+    assert compose_train("experiment=dcgan_mnist", "trainer.steps=7").trainer.steps == 7
+
+
+def test_sample_config_composes():
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("sample", overrides=["ckpt=x.pt"])
+    assert cfg.n == 64 and cfg.mode == "grid"
+
+
+def test_data_root_defaults_to_user_cache_and_follows_env(monkeypatch):
+    monkeypatch.delenv("GENTRAIN_DATA", raising=False)
+    assert compose_train().dataset.root == "~/.cache/gentrain/data"
+    monkeypatch.setenv("GENTRAIN_DATA", "/data/here")
+    assert compose_train().dataset.root == "/data/here"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "optim.lr must be a positive number"),
+    ("optim.lr=-1e-4", "optim.lr must be a positive number"),
+    ("trainer.batch_size=0", "trainer.batch_size must be a positive integer"),
+    ("trainer.steps=0", "trainer.steps must be a positive integer"),
+    ("trainer.steps=2.5", "trainer.steps must be a positive integer"),
+    ("dataset.image_size=48", "dataset.image_size must be one of 28, 32, 64"),
+    ("trainer.precision=fp8", "trainer.precision must be one of"),
+    ("trainer.device=tpu", "trainer.device must be one of"),
+    ("optim._target_=os.system", "optim._target_ must name a torch.optim optimizer"),
+])
+def test_bad_values_are_rejected(override, message):
+    with pytest.raises(GentrainError, match=message):
+        check_train(compose_train(override))
+
+
+def test_configs_ship_beside_the_package_or_in_the_checkout():
+    assert (config_dir() / "train.yaml").is_file()
+    assert config_dir() in (Path(__file__).resolve().parents[1] / "configs",
+                            Path(__import__("gentrain").__file__).parent / "configs")

@@ -1,0 +1,99 @@
+"""Datasets load from the shared data offline, folders decode and resize, batches are deterministic."""
+
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from gentrain import GentrainError
+from gentrain.data import Batches, ImageData, load
+
+
+def dataset_cfg(**kw):
+    base = {"name": "mnist", "root": "/nowhere", "image_size": 28, "download": True,
+            "channels": 3, "background": "white", "skip_bad": False}
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("name, n_train, n_test", [("mnist", 60000, 10000), ("fashion_mnist", 60000, 10000)])
+def test_torchvision_datasets_load_offline(data_root, name, n_train, n_test):
+    train = load(dataset_cfg(name=name, root=str(data_root)))
+    test = load(dataset_cfg(name=name, root=str(data_root)), split="test")
+    assert train.images.shape == (n_train, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert len(test.images) == n_test and train.num_classes == 10
+    assert set(train.labels.unique().tolist()) == set(range(10))
+
+
+def test_resize_to_32_and_64(data_root):
+    for size in (32, 64):
+        data = load(dataset_cfg(root=str(data_root), image_size=size), split="test")
+        assert data.images.shape[1:] == (1, size, size)
+    # resizing keeps the content: the mean intensity barely moves
+    small = load(dataset_cfg(root=str(data_root)), split="test").images.float().mean()
+    big = load(dataset_cfg(root=str(data_root), image_size=64), split="test").images.float().mean()
+    assert abs(small - big) < 2.0
+
+
+def test_missing_dataset_offline_names_folder_and_files(tmp_path):
+    with pytest.raises(GentrainError) as e:
+        load(dataset_cfg(name="fashion_mnist", root=str(tmp_path), download=False))
+    msg = str(e.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg
+    assert "\n" not in msg
+
+
+def test_folder_is_searched_recursively_and_transparency_composited(tmp_path, emoji_dir):
+    files = sorted(emoji_dir.glob("*.png"))[:12]
+    for i, f in enumerate(files):
+        (tmp_path / f"sub{i % 3}" / "deeper").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / f"sub{i % 3}" / "deeper" / f.name)
+    white = load(dataset_cfg(name="folder", root=str(tmp_path), image_size=32))
+    black = load(dataset_cfg(name="folder", root=str(tmp_path), image_size=32, background="black"))
+    grey = load(dataset_cfg(name="folder", root=str(tmp_path), image_size=64, channels=1))
+    assert white.images.shape == (12, 3, 32, 32) and grey.images.shape == (12, 1, 64, 64)
+    assert white.labels is None
+    # emoji corners are transparent: they take the chosen background colour
+    assert (white.images[:, :, 0, 0] == 255).all() and (black.images[:, :, 0, 0] == 0).all()
+
+
+def test_non_square_images_are_centre_cropped(tmp_path):
+    img = Image.new("RGB", (90, 30), (0, 0, 0))
+    img.paste((255, 0, 0), (30, 0, 60, 30))  # a red middle third
+    img.save(tmp_path / "wide.png")
+    data = load(dataset_cfg(name="folder", root=str(tmp_path), image_size=28))
+    assert data.images.shape == (1, 3, 28, 28)
+    assert (data.images[0, 0] > 200).float().mean() > 0.9  # the crop is the red centre
+
+
+def test_empty_and_undecodable_folders_are_user_errors(tmp_path):
+    with pytest.raises(GentrainError, match="no images under"):
+        load(dataset_cfg(name="folder", root=str(tmp_path)))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "fine.png")
+    with pytest.raises(GentrainError, match=r"1 of 2 image files .* cannot be decoded .*broken.png.*skip_bad=true"):
+        load(dataset_cfg(name="folder", root=str(tmp_path)))
+    assert len(load(dataset_cfg(name="folder", root=str(tmp_path), skip_bad=True)).images) == 1
+    with pytest.raises(GentrainError, match="is not a folder"):
+        load(dataset_cfg(name="folder", root=str(tmp_path / "missing")))
+
+
+def test_batches_visit_every_example_once_per_epoch_and_repeat_exactly():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    data = ImageData(images, None)
+    batches = Batches(data, batch_size=3, seed=7, device=torch.device("cpu"))
+    to_ids = lambda x: ((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+    epoch0 = sum((to_ids(batches(s)) for s in range(3)), [])
+    assert len(set(epoch0)) == 9  # 3 full batches of distinct images, the partial one dropped
+    epoch1 = sum((to_ids(batches(s)) for s in range(3, 6)), [])
+    assert epoch0 != epoch1  # reshuffled every epoch
+    again = Batches(data, batch_size=3, seed=7, device=torch.device("cpu"))
+    assert to_ids(again(4)) == to_ids(batches(4))  # a pure function of (seed, step): resume draws the same
+    x = batches(0)
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+def test_batch_larger_than_dataset_is_a_user_error():
+    with pytest.raises(GentrainError, match="larger than the dataset"):
+        Batches(ImageData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), None), 8, 0, torch.device("cpu"))
