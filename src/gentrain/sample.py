@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
+from torchvision.transforms.v2.functional import to_pil_image
 
 from gentrain import GentrainError, checkpoint, data, models
 from gentrain.cli import reported
@@ -80,8 +80,9 @@ def main(cfg: DictConfig) -> None:
     out = Path(str(out)).expanduser()
     if str(cfg.out or "").endswith("/") or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)  # one PNG per image, e.g. for FID tools
-        for i, img in enumerate(images):
-            save_image(img, out / f"{i:06d}.png", normalize=True, value_range=(-1, 1))
+        pixels = ((images + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)  # [-1, 1] -> 0..255, rounded
+        for i, img in enumerate(pixels):
+            to_pil_image(img).save(out / f"{i:06d}.png")  # greyscale data stays single-channel
         print(f"wrote {len(images)} images to {out}/")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)

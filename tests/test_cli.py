@@ -1,0 +1,77 @@
+"""The command line: help texts, and every bad override as one line with a non-zero exit."""
+
+import pytest
+
+from conftest import assert_one_line_error
+
+
+def test_help_lists_groups_choices_and_main_keys(gentrain):
+    out = gentrain("--help").stdout
+    for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, mnist", "experiment:",
+                 "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample"):
+        assert text in out, text
+
+
+def test_sample_help(gentrain):
+    out = gentrain("sample", "--help").stdout
+    for text in ("ckpt: ???", "mode=interpolate", "mode=reconstruct", "out=DIR/"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["model=foo"], ["model=foo is not an option", "gan, vae"]),
+    (["dataset=imagenet"], ["dataset=imagenet is not an option", "cifar10, fashion_mnist, folder, mnist"]),
+    (["-m", "model=gan,diffusion"], ["model=diffusion is not an option"]),
+    (["trainer.stpes=10"], ["Could not override 'trainer.stpes'"]),
+    (["model=gan,vae"], ["Ambiguous value", "--multirun"]),
+    (["optim.lr=0"], ["optim.lr must be a positive number"]),
+    (["-m", "optim.lr=1e-4,-1"], ["optim.lr must be a positive number, got -1"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size must be a positive integer"]),
+    (["dataset.image_size=100"], ["dataset.image_size must be one of 28, 32, 64"]),
+    (["trainer.steps=-5"], ["trainer.steps must be a positive integer"]),
+    (["trainer.device=cuda"] , ["trainer.device=cuda but torch sees no CUDA GPU"]),
+    (["dataset=folder"], ["dataset.root has no value"]),
+    (["model.loss=wasserstein"], ["model.loss='wasserstein' is not a GAN loss"]),
+    (["trainer.steps=[1"], ["no viable alternative"]),
+])
+def test_bad_overrides_fail_in_one_line(gentrain, args, fragments):
+    if args == ["trainer.device=cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present")
+    assert_one_line_error(gentrain(*args, "trainer.steps=2" if "trainer.steps" not in str(args) else "seed=0",
+                                   check=False), *fragments)
+
+
+def test_missing_dataset_offline_is_one_line(gentrain, tmp_path):
+    proc = gentrain("dataset=fashion_mnist", f"dataset.root={tmp_path}", "dataset.download=false", check=False)
+    assert_one_line_error(proc, str(tmp_path / "FashionMNIST" / "raw"), "train-images-idx3-ubyte")
+
+
+def test_image_folder_errors(gentrain, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(gentrain("dataset=folder", f"dataset.root={empty}", check=False), "no images under")
+    (empty / "a.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    assert_one_line_error(gentrain("dataset=folder", f"dataset.root={empty}", check=False), "cannot be decoded")
+
+
+def test_folder_dataset_trains_on_colour_images(gentrain, tmp_path, emoji_dir):
+    import shutil
+
+    import torch
+
+    images = tmp_path / "emoji"
+    images.mkdir()
+    for f in sorted(emoji_dir.glob("*.png"))[:40]:
+        shutil.copy(f, images / f.name)
+    run = tmp_path / "run"
+    gentrain("dataset=folder", f"dataset.root={images}", "dataset.image_size=32", "trainer.steps=2",
+             "trainer.batch_size=16", "model.ch=8", f"hydra.run.dir={run}")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["data"] == {"channels": 3, "image_size": 32, "num_classes": 0}
+
+
+def test_python_dash_m_is_the_same_command(gentrain):
+    assert "Config groups" in gentrain("--help").stdout

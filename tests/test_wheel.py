@@ -1,0 +1,39 @@
+"""A wheel built from the checkout installs into a fresh virtual environment and runs from elsewhere."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+    wheel = next(wheels.glob("gentrain-*.whl"))
+    # torch & co. come from the system site-packages: the venv is fresh, gentrain in it is the wheel's
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "GENTRAIN_DATA": str(data_root), "PYTHONPATH": ""}
+
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import gentrain.config as c; print(c.__file__); print(c.config_dir())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(p).is_relative_to(venv) for p in where), where  # not the checkout's files
+
+    gentrain = str(venv / "bin" / "gentrain")
+    help_text = subprocess.run([gentrain, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                               check=True).stdout
+    assert "model: gan, vae" in help_text
+    subprocess.run([gentrain, "model=vae", "trainer.steps=2", "trainer.batch_size=16", "model.ch=8",
+                    "hydra.run.dir=run"], cwd=elsewhere, env=env, capture_output=True, check=True)
+    assert (elsewhere / "run" / "checkpoints" / "last.pt").is_file()
+    out = subprocess.run([gentrain, "sample", "ckpt=run", "n=4", "out=grid.png"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "grid.png" in out and (elsewhere / "grid.png").is_file()
