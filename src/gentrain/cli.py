@@ -36,6 +36,8 @@ def reported(task):
             fail(f"{e.full_key} has no value; set it on the command line: {e.full_key}=...")
         except torch.cuda.OutOfMemoryError:
             fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
+        except KeyboardInterrupt:  # before the loop took over Ctrl-C (loading data), or a second Ctrl-C
+            fail("interrupted (checkpoints already written are intact)", 130)
 
     return wrapper
 
