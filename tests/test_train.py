@@ -57,11 +57,22 @@ def test_training_lowers_the_vae_loss(gentrain, tmp_path):
 def test_resume_matches_an_uninterrupted_run(gentrain, tmp_path):
     args = ["model=gan", *FAST, "trainer.log_every=3", "trainer.ckpt_every=5"]
     gentrain(*args, "trainer.steps=12", f"hydra.run.dir={tmp_path / 'straight'}")
-    gentrain(*args, "trainer.steps=7", f"hydra.run.dir={tmp_path / 'split'}")  # ends off the log grid
-    gentrain(f"resume={tmp_path / 'split'}", "trainer.steps=12")
-    a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt")
+    split = tmp_path / "split run, b=2"  # a folder name Hydra would misread unquoted
+    gentrain(*args, "trainer.steps=7", f"hydra.run.dir='{split}'")  # ends off the log grid
+    gentrain(f"resume='{split}'", "trainer.steps=12")
+    a, b = weights(tmp_path / "straight/checkpoints/last.pt"), weights(split / "checkpoints/last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert losses(tmp_path / "straight") == losses(split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split run, b=2", "straight"]  # no stray run folders
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_on_cpu(gentrain, tmp_path, precision):
+    run = tmp_path / "run"
+    gentrain("model=gan", *FAST, "trainer.steps=4", f"trainer.precision={precision}", f"hydra.run.dir={run}")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["scaler"]["G"] != {} if precision == "fp16" else ckpt["scaler"]["G"] == {}
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same_run(data_root, tmp_path, gentrain):

@@ -8,7 +8,6 @@ Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job`
 
 import functools
 import sys
-from pathlib import Path
 
 from gentrain import GentrainError
 
@@ -84,12 +83,21 @@ def check_overrides(verb: str, args: list[str]) -> None:
 
 def _resume_dir(args: list[str]) -> str | None:
     """A resumed run continues in its own folder: point Hydra's run dir there, keeping its .hydra/."""
-    from gentrain.checkpoint import run_dir_of
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gentrain.checkpoint import resolve, run_dir_of
 
     for a in args:
-        if a.startswith("resume=") and a != "resume=null" and len(a) > len("resume="):
-            if not any(b.startswith("hydra.run.dir=") for b in args):
-                return str(run_dir_of(Path(a.split("=", 1)[1]).expanduser()))
+        value = OverridesParser.create().parse_override(a).value() if a.startswith("resume=") else None
+        if value:  # not resume=, resume=null
+            try:
+                run = str(run_dir_of(resolve(value)))
+            except GentrainError as e:
+                fail(str(e))
+            if any(b.startswith("hydra.run.dir=") for b in args):
+                return None
+            # quoted, so that a path with spaces, commas or '=' stays one Hydra value
+            return "'" + run.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return None
 
 

@@ -7,7 +7,6 @@ from omegaconf import DictConfig, OmegaConf
 from gentrain import GentrainError
 
 IMAGE_SIZES = (28, 32, 64)
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -42,8 +41,9 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.dataset.image_size not in IMAGE_SIZES:
         raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, "
                             f"got {cfg.dataset.image_size!r}")
-    if cfg.trainer.device not in DEVICES:
-        raise GentrainError(f"trainer.device must be one of {'|'.join(DEVICES)}, got {cfg.trainer.device!r}")
+    from gentrain.loop import pick_device
+
+    pick_device(cfg.trainer.device)  # also: cuda asked for where torch sees none
     if cfg.trainer.precision not in PRECISIONS:
         raise GentrainError(f"trainer.precision must be one of {'|'.join(PRECISIONS)}, "
                             f"got {cfg.trainer.precision!r}")

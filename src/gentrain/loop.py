@@ -25,11 +25,13 @@ from gentrain.data import Batches, ImageData
 log = logging.getLogger("gentrain")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise GentrainError("trainer.device=cuda but torch sees no CUDA GPU; use trainer.device=cpu or auto")
+        raise GentrainError(f"{key}=cuda but torch sees no CUDA GPU; use {key}=cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise GentrainError(f"{key} must be one of auto|cpu|cuda, got {name!r}")
     return torch.device(name)
 
 

@@ -69,7 +69,7 @@ def main(cfg: DictConfig) -> None:
         raise GentrainError(f"mode={cfg.mode} is not a sampling mode; choose from {', '.join(MODES)}")
     if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1 or cfg.batch_size < 1:
         raise GentrainError(f"n and batch_size must be positive integers, got n={cfg.n}, batch_size={cfg.batch_size}")
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     path = checkpoint.resolve(cfg.ckpt)
     model, ckpt = load_model(path, device)
     images, nrow = images_for(cfg, model, ckpt, device)
