@@ -89,7 +89,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same_run(data_root, 
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert stderr.strip().startswith("gentrain: error: interrupted at step") and len(stderr.strip().splitlines()) == 1
+    assert stderr.strip().startswith("gentrain: interrupted at step") and len(stderr.strip().splitlines()) == 1
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 5 <= stopped < 400
     gentrain(f"resume={run}")

@@ -15,7 +15,8 @@ VERBS = ("train", "sample")
 
 
 def fail(message: str, code: int = 2):
-    print(f"gentrain: error: {message}", file=sys.stderr)
+    # Ctrl-C is the user's choice, not an error: it exits 130 with a plain note.
+    print(f"gentrain: {'' if code == 130 else 'error: '}{message}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ TORCHVISION = {
     "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py",
                 "data_batch_1..5 and test_batch (or cifar-10-python.tar.gz in the root)"),
 }
+log = logging.getLogger("gentrain")
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -55,10 +58,11 @@ def load(dataset_cfg, split: str = "train") -> ImageData:
 
 def _load_torchvision(name: str, root: Path, split: str, download: bool) -> ImageData:
     cls, folder, files = TORCHVISION[name]
-    log = io.StringIO()
+    log.info("loading %s from %s%s", name, root, " (downloading it there if missing)" if download else "")
+    printed = io.StringIO()
     try:
-        # torchvision prints each download attempt; keep that for the error message instead.
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        # torchvision prints every mirror it tries; the exception below says what failed, in one line.
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             ds = cls(str(root), train=split == "train", download=download)
     except Exception as e:
         reason = "downloads are off (dataset.download=false)" if not download else "and it could not be downloaded"
@@ -92,6 +96,7 @@ def _load_folder(cfg) -> ImageData:
         raise GentrainError(f"dataset.channels must be 1 or 3 and dataset.background white or black, "
                             f"got {cfg.channels!r} and {cfg.background!r}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    log.info("decoding %d image files under %s", len(files), root)
     if not files:
         raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     images, bad = [], []
