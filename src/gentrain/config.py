@@ -5,9 +5,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gentrain import GentrainError
+from gentrain.loop import pick_device, pick_precision
+from gentrain.models.nets import PLANS
 
-IMAGE_SIZES = (28, 32, 64)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The config groups: on resume these cannot change, only keys inside them.
+GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
 
 
 def config_dir() -> Path:
@@ -19,13 +21,11 @@ def config_dir() -> Path:
     raise GentrainError(f"gentrain's configs are missing (looked in {here / 'configs'}); reinstall gentrain")
 
 
-def _positive(cfg, key, kind=int):
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        what = "a positive integer" if kind is int else "a positive number"
-        raise GentrainError(f"{key} must be {what}, got {value!r}")
+def _positive(cfg: DictConfig, key: str, integer: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not number or value <= 0:
+        raise GentrainError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -37,21 +37,14 @@ def check_train(cfg: DictConfig) -> None:
     for key in ("trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.sample_every",
                 "trainer.ckpt_every", "trainer.n_samples", "model.z_dim", "model.ch"):
         _positive(cfg, key)
-    _positive(cfg, "optim.lr", float)
-    if cfg.dataset.image_size not in IMAGE_SIZES:
-        raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, "
+    _positive(cfg, "optim.lr", integer=False)
+    if cfg.dataset.image_size not in PLANS:
+        raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, "
                             f"got {cfg.dataset.image_size!r}")
-    from gentrain.loop import pick_device
-
-    pick_device(cfg.trainer.device)  # also: cuda asked for where torch sees none
-    if cfg.trainer.precision not in PRECISIONS:
-        raise GentrainError(f"trainer.precision must be one of {'|'.join(PRECISIONS)}, "
-                            f"got {cfg.trainer.precision!r}")
+    device = pick_device(cfg.trainer.device)  # also: cuda asked for where torch sees none
+    pick_precision(cfg.trainer.precision, device)
     target = str(cfg.optim.get("_target_", ""))
     if not target.startswith("torch.optim."):
         # The optimizer is built with hydra.utils.instantiate, also when resuming from a
         # checkpoint's stored config: only torch's own optimizers may be named there.
         raise GentrainError(f"optim._target_ must name a torch.optim optimizer, got {target!r}")
-
-
-GROUPS = ("model", "dataset", "optim", "trainer", "experiment")

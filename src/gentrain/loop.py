@@ -35,12 +35,17 @@ def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if name not in PRECISIONS:
+        raise GentrainError(f"trainer.precision must be one of auto|{'|'.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
