@@ -98,3 +98,8 @@ def test_bad_checkpoints_through_the_cli(gentrain, runs, tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     assert_one_line_error(gentrain("sample", f"ckpt={tmp_path / 'foreign.pt'}", check=False), "not a gentrain checkpoint")
     assert_one_line_error(gentrain(f"resume={tmp_path / 'cut.pt'}", check=False), "truncated or corrupt")
+    ckpt = torch.load(runs / "gan" / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["config"]["model"]["ch"] *= 2  # a config that no longer describes the stored weights
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    assert_one_line_error(gentrain("sample", f"ckpt={tmp_path / 'mismatch.pt'}", check=False), "do not fit")
+    assert_one_line_error(gentrain(f"resume={tmp_path / 'mismatch.pt'}", check=False), "do not fit")

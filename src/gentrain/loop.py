@@ -92,7 +92,10 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     scalers = {p: torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16) for p in model.phases}
     step, seconds, sums, logged_at = 0, 0.0, {}, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise GentrainError("the checkpoint's weights do not fit the model its config describes") from None
         for p in model.phases:
             optimizers[p].load_state_dict(ckpt["optim"][p])
             for group in optimizers[p].param_groups:  # hyperparameters follow the config (optim.lr=... on resume)
