@@ -76,12 +76,10 @@ def load(path) -> dict:
             raise GentrainError(f"{path} is not a gentrain checkpoint (not a PyTorch file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+    except Exception as e:  # truncated zip, bad CRC, EOF, a pickle payload, ...
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise GentrainError(f"{path} holds Python objects that a gentrain checkpoint never contains; "
                                 f"refusing to load it (nothing in it was run)") from None
-        raise GentrainError(f"cannot read checkpoint {path}: it is corrupt ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # truncated zip, bad CRC, EOF, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GentrainError(f"cannot read checkpoint {path}: it is truncated or corrupt ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -28,12 +28,14 @@ def reported(task):
         import torch
         from omegaconf.errors import MissingMandatoryValue
 
+        from gentrain.config import unset
+
         try:
             return task(cfg)
         except GentrainError as e:
             fail(str(e), e.exit_code)
         except MissingMandatoryValue as e:
-            fail(f"{e.full_key} has no value; set it on the command line: {e.full_key}=...")
+            fail(str(unset(e.full_key)))
         except torch.cuda.OutOfMemoryError:
             fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
         except KeyboardInterrupt:  # before the loop took over Ctrl-C (loading data), or a second Ctrl-C

@@ -21,6 +21,11 @@ def config_dir() -> Path:
     raise GentrainError(f"gentrain's configs are missing (looked in {here / 'configs'}); reinstall gentrain")
 
 
+def unset(key: str) -> GentrainError:
+    """A mandatory key (`???` in its YAML) that the command line did not set."""
+    return GentrainError(f"{key} has no value; set it on the command line: {key}=...")
+
+
 def _positive(cfg: DictConfig, key: str, integer: bool = True) -> None:
     value = OmegaConf.select(cfg, key)
     number = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -33,7 +38,7 @@ def check_train(cfg: DictConfig) -> None:
     missing = [f"{g}.{k}" for g in ("dataset", "model", "trainer", "optim")
                for k in cfg[g] if OmegaConf.is_missing(cfg[g], k)]
     if missing:
-        raise GentrainError(f"{missing[0]} has no value; set it on the command line: {missing[0]}=...")
+        raise unset(missing[0])
     for key in ("trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.sample_every",
                 "trainer.ckpt_every", "trainer.n_samples", "model.z_dim", "model.ch"):
         _positive(cfg, key)

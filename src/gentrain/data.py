@@ -13,6 +13,8 @@ from PIL import Image
 
 from gentrain import GentrainError
 
+log = logging.getLogger("gentrain")
+
 # torchvision class, folder under root, and the files it needs there (any one archive form will do)
 TORCHVISION = {
     "mnist": (torchvision.datasets.MNIST, "MNIST/raw",
@@ -22,8 +24,6 @@ TORCHVISION = {
     "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py",
                 "data_batch_1..5 and test_batch (or cifar-10-python.tar.gz in the root)"),
 }
-log = logging.getLogger("gentrain")
-
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

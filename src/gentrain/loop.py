@@ -209,11 +209,11 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     log.info("done: %d steps; checkpoint %s, samples in %s", step, ckpt_dir / "last.pt", sample_dir)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, logged_at: int) -> None:
     """A resumed run logs again from the checkpoint's last full log interval: drop later lines first."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= logged_at]
     if len(kept) != len(lines):
         path.write_text("".join(kept))
