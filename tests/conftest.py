@@ -29,17 +29,22 @@ def emoji_dir() -> Path:
     return folder
 
 
+def run_cli(args, cwd, data_root, check=True, timeout=300, env=None):
+    """`python -m gentrain ARGS` in cwd with the test data as the default dataset root."""
+    full_env = {**os.environ, "GENTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
 def gentrain(tmp_path, data_root):
     """Run `python -m gentrain ARGS` in a fresh folder with the test data as the default root."""
 
     def run(*args, cwd=None, check=True, timeout=300, env=None):
-        full_env = {**os.environ, "GENTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.run([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd or tmp_path,
-                              env=full_env, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
-        return proc
+        return run_cli(args, cwd or tmp_path, data_root, check, timeout, env)
 
     return run
 

@@ -2,6 +2,9 @@
 
     gentrain [overrides]             train (gentrain.train)
     gentrain sample ckpt=PATH ...    draw images from a checkpoint (gentrain.sample)
+    gentrain eval ckpt=PATH ...      sample-quality and likelihood metrics (gentrain.evaluate)
+    gentrain classifier dataset=...  the domain classifier behind the metrics (gentrain.metrics.classifier)
+    gentrain plot RUN_DIR            losses and metrics over steps as a PNG (gentrain.plot)
 
 Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job` work for each.
 """
@@ -11,7 +14,7 @@ import sys
 
 from gentrain import GentrainError
 
-VERBS = ("train", "sample")
+VERBS = ("train", "sample", "eval", "classifier", "plot")
 
 
 def fail(message: str, code: int = 2):
@@ -104,15 +107,29 @@ def _resume_dir(args: list[str]) -> str | None:
     return None
 
 
+def _metrics_list(args: list[str]) -> list[str]:
+    """`metrics=[fid,pr]` is shorthand for `metrics.compute=[fid,pr]` (the metrics node also holds settings)."""
+    return [f"metrics.compute={a[len('metrics='):]}" if a.startswith("metrics=[") else a for a in args]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verb = args.pop(0) if args and args[0] in VERBS else "train"
+    if verb == "plot":
+        from gentrain.plot import main as plot
+
+        return plot(args)
+    args = _metrics_list(args)
     check_overrides(verb, args)
     if verb == "train" and "-m" not in args and "--multirun" not in args and (run := _resume_dir(args)):
         args += [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
     sys.argv = [f"gentrain {verb}" if verb != "train" else "gentrain", *args]
     if verb == "sample":
         from gentrain.sample import main as task
+    elif verb == "eval":
+        from gentrain.evaluate import main as task
+    elif verb == "classifier":
+        from gentrain.metrics.classifier import main as task
     else:
         from gentrain.train import main as task
     task()

@@ -43,6 +43,12 @@ def check_train(cfg: DictConfig) -> None:
                 "trainer.ckpt_every", "trainer.n_samples", "model.z_dim", "model.ch"):
         _positive(cfg, key)
     _positive(cfg, "optim.lr", integer=False)
+    every = cfg.trainer.eval_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise GentrainError(f"trainer.eval_every must be 0 (off) or a positive integer, got {every!r}")
+    if every:
+        _positive(cfg, "trainer.eval_n")
+        _positive(cfg, "metrics.k")
     if cfg.dataset.image_size not in PLANS:
         raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, "
                             f"got {cfg.dataset.image_size!r}")

@@ -75,8 +75,13 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, ckpt: dict | None = None):
-    """Train `model` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt` resumes."""
+def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, ckpt: dict | None = None,
+          evaluate=None, best_by: tuple[str, bool] | None = None):
+    """Train `model` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt` resumes.
+
+    `evaluate(model) -> {name: score}` runs every trainer.eval_every steps; the checkpoint with the
+    best score `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt.
+    """
     t = cfg.trainer
     device = pick_device(t.device)
     amp_dtype = pick_precision(t.precision, device)
@@ -90,7 +95,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     optimizers = {p: make_optimizer(model.phase_parameters(p)) for p in model.phases}
     # fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
     scalers = {p: torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16) for p in model.phases}
-    step, seconds, sums, logged_at = 0, 0.0, {}, 0
+    step, seconds, sums, logged_at, best = 0, 0.0, {}, 0, None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -104,6 +109,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         step, seconds = ckpt["step"], ckpt["seconds"]
         sums = {k: v.to(device) for k, v in ckpt["log"]["sums"].items()}
         logged_at = ckpt["log"]["logged_at"]
+        best = ckpt.get("best")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -117,7 +123,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         sample_dir.mkdir(parents=True, exist_ok=True)
         if step == 0:
             save_grid(batches(0)[:t.n_samples], run_dir / "reals.png")
-        _truncate_metrics(run_dir / "metrics.jsonl", logged_at)
+        _truncate_metrics(run_dir / "metrics.jsonl", logged_at, step)
 
     # The first step whose loss was not finite, kept on the device: checking it costs a host sync,
     # so it is read only where the loop syncs anyway (log, sample and checkpoint steps).
@@ -131,7 +137,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             raise GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
                                 f"({kept}); lower optim.lr or use trainer.precision=fp32")
 
-    def write_checkpoint(done: int, keep: bool) -> None:
+    def write_checkpoint(done: int, keep: bool, path: Path | None = None) -> None:
         check_finite(done)
         if not is_main:
             return
@@ -147,11 +153,15 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "log": {"sums": {k: v.cpu() for k, v in sums.items()}, "logged_at": logged_at},
+            "best": best,
         }
-        checkpoint.save(state, ckpt_dir / "last.pt", also=ckpt_dir / f"step_{done:07d}.pt" if keep else None)
+        if path is not None:
+            checkpoint.save(state, path)
+        else:
+            checkpoint.save(state, ckpt_dir / "last.pt", also=ckpt_dir / f"step_{done:07d}.pt" if keep else None)
 
     t0 = tick = time.perf_counter()
-    tick_step = step
+    tick_step, shown = step, {}  # shown: the progress bar's latest numbers
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
     with _StopOnSignal() as stop, logging_redirect_tqdm():
         log.info("training %s on %s (%d images, %dx%d) on %s%s, from step %d to %d, run folder %s",
@@ -185,7 +195,8 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 if is_main:
                     with open(run_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
-                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"})
+                shown |= {k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"}
+                bar.set_postfix(shown)
                 log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()), record["img_per_s"])
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
@@ -198,6 +209,28 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                     save_grid(model.sample(fixed_z), sample_dir / f"step_{step:07d}.png")
                 model.train()
 
+            if evaluate is not None and (step % t.eval_every == 0 or step == t.steps):
+                check_finite(step)
+                started = time.perf_counter()
+                model.eval()
+                scored = evaluate(model)
+                model.train()
+                took = time.perf_counter() - started
+                t0, tick = t0 + took, tick + took  # evaluation time is neither training time nor throughput
+                if is_main:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in scored.items()},
+                                            "eval/seconds": took}) + "\n")
+                log.info("eval at step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in scored.items()))
+                shown |= {k.split("@")[0]: f"{v:.3g}" for k, v in scored.items() if "_" not in k}
+                bar.set_postfix(shown)
+                name, lower = best_by
+                value = scored[name]
+                if best is None or (value < best["value"] if lower else value > best["value"]):
+                    best = {"metric": name, "value": value, "step": step}
+                    write_checkpoint(step, keep=False, path=ckpt_dir / "best.pt")
+                    log.info("new best %s %.4g: %s", name, value, ckpt_dir / "best.pt")
+
             if step % t.ckpt_every == 0 or step == t.steps:
                 write_checkpoint(step, keep=step % t.ckpt_every == 0)
 
@@ -209,11 +242,14 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     log.info("done: %d steps; checkpoint %s, samples in %s", step, ckpt_dir / "last.pt", sample_dir)
 
 
-def _truncate_metrics(path: Path, logged_at: int) -> None:
-    """A resumed run logs again from the checkpoint's last full log interval: drop later lines first."""
+def _truncate_metrics(path: Path, logged_at: int, step: int) -> None:
+    """A resumed run logs again from the checkpoint's last full log interval, and evaluates again after
+    the checkpoint's step: drop the lines it will write again."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= logged_at]
+    records = [json.loads(ln) if ln.strip() else None for ln in lines]
+    kept = [ln for ln, r in zip(lines, records)
+            if r is not None and r["step"] <= (step if any(k.startswith("eval/") for k in r) else logged_at)]
     if len(kept) != len(lines):
         path.write_text("".join(kept))

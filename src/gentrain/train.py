@@ -25,6 +25,12 @@ def resumed_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
                                 f"key overrides such as trainer.steps=N can")
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     merged.resume = cfg.resume
+    for node in ("metrics",):  # a run from before a config node existed takes today's defaults for it
+        if node not in merged:
+            merged[node] = cfg[node]
+    for key, value in cfg.trainer.items():
+        if key not in merged.trainer:
+            merged.trainer[key] = value
     return merged
 
 
@@ -44,4 +50,11 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     train_data = data.load(cfg.dataset, split="train")
     model = models.build(cfg.model, train_data.channels, train_data.image_size)
-    loop.train(cfg, model, train_data, instantiate(cfg.optim, _convert_="all"), run_dir, ckpt)
+    evaluate = best_by = None
+    if cfg.trainer.eval_every:
+        from gentrain.evaluate import Evaluator
+
+        evaluate = Evaluator(cfg.metrics, cfg.dataset, cfg.model.family, cfg.trainer.eval_n, cfg.seed,
+                             loop.pick_device(cfg.trainer.device), nll_n=cfg.trainer.eval_n)
+        best_by = evaluate.key(cfg.trainer.eval_metric)
+    loop.train(cfg, model, train_data, instantiate(cfg.optim, _convert_="all"), run_dir, ckpt, evaluate, best_by)

@@ -69,6 +69,28 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x)[0])
 
+    @torch.no_grad()
+    def log_weights(self, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+        """log importance weights, (N, k), of k samples z_i ~ q(z|x) per image (Burda et al. 2016, Eq. 8):
+            log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x).
+        Their mean is the ELBO; log (1/k) sum_i w_i is the IWAE bound L_k, which never falls below the
+        ELBO and rises towards log p(x) as k grows (Burda et al. 2016, Theorem 1)."""
+        mu, logvar = self.encode(x)
+        std = (0.5 * logvar).exp()
+        x01 = (x.float() + 1) / 2
+        out = []
+        for start in range(0, k, chunk):
+            kc = min(chunk, k - start)
+            eps = torch.randn(len(x), kc, self.z_dim, device=x.device)
+            z = mu[:, None] + std[:, None] * eps
+            log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            log_qz = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi) - std.log()[:, None]).sum(-1)
+            target = x01[:, None].expand(-1, kc, *x01.shape[1:]).flatten(0, 1)
+            log_px = log_likelihood(self.decoder(z.flatten(0, 1)).float(), target, self.likelihood,
+                                    self.sigma).view(len(x), kc)
+            out.append(log_px + log_pz - log_qz)
+        return torch.cat(out, 1)
+
     def loss(self, phase: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # ELBO (Kingma & Welling 2014, Eq. 10) with the KL weighted by beta (Higgins et al. 2017, Eq. 4):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)

@@ -1,0 +1,206 @@
+"""`gentrain eval ckpt=PATH`: sample-quality and likelihood metrics, also run by training's eval_every.
+
+An Evaluator is built once (feature network, cached reference statistics, test images) and then
+scores a model, or a set of real images for the real-data floor, as a flat dict whose keys name the
+feature space: fid@classifier, precision@inception, ... ; nelbo and nll are in nats per image.
+"""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gentrain import GentrainError, checkpoint, data
+from gentrain.cli import reported
+from gentrain.config import config_dir
+from gentrain.loop import pick_device
+from gentrain.metrics import features, scores
+
+log = logging.getLogger("gentrain")
+
+METRICS = ("fid", "kid", "pr", "classes", "nll")
+# Direction of every score, for picking best.pt: True when lower is better.
+LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False, "classes": False,
+                   "class_kl": True, "nelbo": True, "nll": True, "nelbo_bpd": True, "nll_bpd": True}
+
+
+def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
+    path = Path(str(metrics_cfg.cache_dir or Path(str(dataset_cfg.root)).expanduser() / "gentrain-cache")).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise GentrainError(f"cannot use {path} for the metrics cache ({getattr(e, 'strerror', None) or e}); "
+                            f"set metrics.cache_dir to a writable folder") from None
+    return path
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> 0..255, rounded as when the images are saved as PNG files."""
+    return ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    """n samples as uint8 images on the CPU, from seeded noise: the same seed gives the same images."""
+    z = model.noise(n, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([to_uint8(model.sample(zb.to(device))).cpu() for zb in z.split(batch_size)])
+
+
+class Evaluator:
+    """Everything metrics need that does not depend on the model, loaded once."""
+
+    def __init__(self, metrics_cfg, dataset_cfg, family: str | None, n: int, seed: int, device: torch.device,
+                 nll_n: int | None = None):
+        compute = list(metrics_cfg.compute)
+        unknown = [m for m in compute if m not in METRICS]
+        if unknown or not compute:
+            raise GentrainError(f"metrics: {unknown[0] if unknown else 'the list is empty'} is not a metric; "
+                                f"choose from {', '.join(METRICS)}")
+        labelled = dataset_cfg.name in data.TORCHVISION
+        self.skipped = {}
+        if "nll" in compute and family != "vae":
+            self.skipped["nll"] = "needs a VAE" if family else "real images have no model likelihood"
+        if "classes" in compute and not labelled:
+            self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
+        self.compute = [m for m in compute if m not in self.skipped]
+        self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
+        cache = cache_dir_for(metrics_cfg, dataset_cfg)
+        self.space = self.class_space = None
+        split_images = lambda: data.load(dataset_cfg, split=metrics_cfg.split).images
+        if {"fid", "kid", "pr"} & set(self.compute):
+            self.space = features.space(metrics_cfg, dataset_cfg, labelled, cache, device)
+            self.ref = self._reference(self.space, split_images, cache)
+        if "classes" in self.compute:
+            self.class_space = self.space if self.space and self.space.name == "classifier" else \
+                features.classifier_space(dataset_cfg, cache, device)
+            self.class_ref = self._reference(self.class_space, split_images, cache)
+        if "nll" in self.compute:
+            test = data.load(dataset_cfg, split="test").images
+            nll_n = nll_n or metrics_cfg.nll_n
+            self.test_images = test[:nll_n] if nll_n else test
+
+    def _reference(self, fs, split_images, cache):
+        d = self.dataset_cfg
+        return features.reference(fs, split_images, d.name, self.cfg.split, d.image_size, self.cfg.ref_n, cache)
+
+    def key(self, name: str) -> tuple[str, bool]:
+        """A score's name as computed (fid -> fid@classifier) and whether lower is better; for best.pt."""
+        needs = {"fid": "fid", "kid": "kid", "precision": "pr", "recall": "pr", "classes": "classes",
+                 "class_kl": "classes", "nelbo": "nll", "nll": "nll", "nelbo_bpd": "nll", "nll_bpd": "nll"}
+        if name not in needs or needs[name] not in self.compute:
+            computed = [n for n, m in needs.items() if m in self.compute]
+            raise GentrainError(f"trainer.eval_metric={name} is not computed here; choose from {', '.join(computed)}")
+        space = {"pr": self.space, "fid": self.space, "kid": self.space, "classes": self.class_space}.get(needs[name])
+        return (f"{name}@{space.name}" if space else name), LOWER_IS_BETTER[name]
+
+    def describe(self) -> dict:
+        out = {"reference": f"{self.dataset_cfg.name} {self.cfg.split} split"}
+        for fs in (self.space, self.class_space):
+            if fs is not None:
+                out[fs.name] = fs.description
+        return out
+
+    def __call__(self, model) -> dict[str, float]:
+        """Scores of a model: its n seeded samples against the reference, and for a VAE the test ELBO/NLL."""
+        scored = self.score_images(draw(model, self.n, self.seed, self.device)) if self.space or self.class_space else {}
+        if "nll" in self.compute:
+            scored |= self.likelihood(model)
+        return scored
+
+    def score_images(self, images: torch.Tensor) -> dict[str, float]:
+        out = {}
+        if self.space is not None:
+            feats, logits = self.space.extract(images)
+            at = "@" + self.space.name
+            if "fid" in self.compute:
+                ref_stats = {"mu": self.ref["mu"].numpy(), "sigma": self.ref["sigma"].numpy()}
+                out["fid" + at] = scores.fid(scores.statistics(feats), ref_stats)
+            # KID and precision/recall compare equal numbers of real and generated features.
+            m = min(len(feats), len(self.ref["features"]))
+            real, fake = self.ref["features"][:m], feats[:m]
+            if "kid" in self.compute:
+                out["kid" + at], out["kid_std" + at] = scores.kid(real, fake, self.cfg.kid_subsets,
+                                                                  self.cfg.kid_subset_size, self.seed)
+            if "pr" in self.compute:
+                out["precision" + at], out["recall" + at] = scores.precision_recall(real, fake, self.cfg.pr_k)
+        if self.class_space is not None:
+            logits = logits if self.class_space is self.space else self.class_space.extract(images)[1]
+            hist = scores.class_histogram(logits.argmax(1), self.class_space.num_classes)
+            out["classes@classifier"] = scores.classes_covered(hist)
+            out["class_kl@classifier"] = scores.class_kl(hist, self.class_ref["class_hist"])
+        return out
+
+    @torch.no_grad()
+    def likelihood(self, model, batch_size: int = 100) -> dict[str, float]:
+        """Test -ELBO and the IWAE estimate of -log p(x) (Burda et al. 2016, Eq. 8) with k samples,
+        per image in nats and per dimension in bits."""
+        k, dims = self.cfg.k, self.test_images[0].numel()
+        elbo, iwae = [], []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)  # the same seed gives the same estimate; training's RNG is untouched
+            for xb in self.test_images.split(batch_size):
+                log_w = model.log_weights(xb.to(self.device).float() / 127.5 - 1, k)
+                elbo.append(log_w.mean(1).cpu())
+                iwae.append((log_w.logsumexp(1) - math.log(k)).cpu())
+        nelbo, nll = -torch.cat(elbo).double().mean().item(), -torch.cat(iwae).double().mean().item()
+        bpd = 1 / (dims * math.log(2))
+        return {"nelbo": nelbo, "nll": nll, "nelbo_bpd": nelbo * bpd, "nll_bpd": nll * bpd}
+
+
+def table(result: dict) -> str:
+    lines = [f"{k:<24} {v:.6g}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in result["metrics"].items()]
+    lines += [f"{k:<24} skipped: {why}" for k, why in result["skipped"].items()]
+    head = [f"{result['what']}, n={result['n']}, seed={result['seed']}"]
+    head += [f"{name}: {text}" for name, text in result["spaces"].items()]
+    return "\n".join(head + [f"{'metric':<24} value"] + lines)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
+@reported
+def main(cfg: DictConfig) -> None:
+    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
+        raise GentrainError(f"n must be an integer of at least 2, got {cfg.n!r}")
+    device = pick_device(cfg.device, key="device")
+    if cfg.ckpt is not None:
+        from gentrain.sample import load_model
+
+        path = checkpoint.resolve(cfg.ckpt)
+        model, ckpt = load_model(path, device)
+        dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
+        family, what = ckpt["family"], f"{path} ({ckpt['family']}, step {ckpt['step']})"
+        out = Path(str(cfg.out)).expanduser() if cfg.out else path.parent / "eval.json"
+    elif cfg.get("dataset") is not None:  # the floor: real test images scored as if they were samples
+        model, dataset_cfg, family = None, cfg.dataset.copy(), None
+        what = f"real {dataset_cfg.name} test images"
+        out = Path(str(cfg.out)).expanduser() if cfg.out else Path(f"eval-{dataset_cfg.name}-test.json")
+    else:
+        raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
+    if cfg.data_root is not None:
+        dataset_cfg.root = cfg.data_root
+    evaluator = Evaluator(cfg.metrics, dataset_cfg, family, cfg.n, cfg.seed, device)
+    if model is None:
+        test = data.load(dataset_cfg, split="test").images
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+        metrics = evaluator.score_images(test[order[:cfg.n]])
+    else:
+        metrics = evaluator(model)
+    result = {"what": what, "ckpt": None if model is None else str(path), "family": family,
+              "step": None if model is None else ckpt["step"], "dataset": dataset_cfg.name, "n": cfg.n,
+              "seed": cfg.seed, "spaces": evaluator.describe(), "metrics": metrics, "skipped": evaluator.skipped}
+    if "nll" in metrics:
+        result["nll_setup"] = {"k": cfg.metrics.k, "test_images": len(evaluator.test_images),
+                               "likelihood": ckpt["config"]["model"].get("likelihood")}
+    print(table(result))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise GentrainError(f"could not write {out} ({e.strerror}); the table above has the numbers") from None
+    print(f"wrote {out}")

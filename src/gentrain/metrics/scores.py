@@ -1,0 +1,58 @@
+"""The metric maths on feature sets. FID, KID and precision/recall come from torch-fidelity (the
+reference implementations ported from TTUR and the papers' code), not from code written here."""
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean and covariance of a feature set, in float64 (FID's Gaussian fit)."""
+    f = features.double().numpy()
+    return {"mu": f.mean(0), "sigma": np.atleast_2d(np.cov(f, rowvar=False))}
+
+
+def fid(stats_1: dict, stats_2: dict) -> float:
+    """Frechet distance between Gaussian fits (Heusel et al. 2017, Eq. 6):
+        FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))."""
+    return fid_statistics_to_metric(stats_1, stats_2, verbose=False)["frechet_inception_distance"]
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
+    """Kernel distance (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+    k(x, y) = (x.y / d + 1)^3, averaged over random subsets; returns (mean, std over subsets)."""
+    out = kid_features_to_metric(real, fake, kid_subsets=subsets, kid_subset_size=min(subset_size, len(real), len(fake)),
+                                 rng_seed=seed, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, Eqs. 1-3): precision is the share of
+    fakes inside the real manifold (the union of balls reaching each real point's k-th nearest real
+    neighbour), recall the share of reals inside the fake manifold."""
+    out = prc_features_to_metric(fake, real, prc_neighborhood=k, verbose=False)
+    return out["precision"], out["recall"]
+
+
+def class_histogram(predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
+
+
+def classes_covered(hist: torch.Tensor) -> int:
+    """Classes that receive at least a quarter of a uniform share, 1 / (4 * classes), of the samples:
+    a collapsed generator leaves some classes (nearly) empty."""
+    return int((hist >= 1 / (4 * len(hist))).sum())
+
+
+def class_kl(fake_hist: torch.Tensor, real_hist: torch.Tensor, eps: float = 1e-12) -> float:
+    """KL(p_fake || p_real) of the predicted-class histograms, in nats (0 when the class mix matches).
+    This direction stays finite when a class is missing from the samples."""
+    p, q = fake_hist, real_hist.clamp_min(eps)
+    return float((p * (p.clamp_min(eps) / q).log()).sum())
+
+
+def class_accuracy(predicted: torch.Tensor, requested: torch.Tensor) -> float:
+    """Share of a conditional model's samples that the classifier puts in the class they were drawn for."""
+    return float((predicted == requested).double().mean())

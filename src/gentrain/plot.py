@@ -1,0 +1,92 @@
+"""`gentrain plot RUN_DIR [out=PNG]`: the run's losses and metrics over steps, one panel per group."""
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from gentrain import GentrainError
+
+
+def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """metrics.jsonl -> {name: (steps, values)} for every numeric key but step and seconds."""
+    series = defaultdict(lambda: ([], []))
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise GentrainError(f"{path}:{n} is not a JSON line; is this a gentrain metrics file?") from None
+        for key, value in record.items():
+            if key not in ("step", "seconds") and isinstance(value, (int, float)) and math.isfinite(value):
+                series[key][0].append(record["step"])
+                series[key][1].append(value)
+    return dict(series)
+
+
+def panels(series: dict) -> dict[str, list[str]]:
+    """Group keys by their prefix (D/, G/, vae/, eval/) and put throughput on its own panel."""
+    groups = defaultdict(list)
+    for key in series:
+        groups["eval: " + key.split("/", 1)[1] if key.startswith("eval/") else key.split("/")[0]].append(key)
+    return dict(groups)
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise GentrainError(f"no metrics.jsonl in {run_dir}; give a run folder")
+    series = read_metrics(path)
+    if not series:
+        raise GentrainError(f"{path} has no logged values yet")
+    groups = panels(series)
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, groups.items()):
+        for key in keys:
+            steps, values = series[key]
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise GentrainError(f"could not write {out} ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def main(args: list[str]) -> None:
+    from gentrain.cli import fail
+
+    keys = dict(a.split("=", 1) for a in args if "=" in a)
+    positional = [a for a in args if "=" not in a]
+    if args and args[0] in ("-h", "--help"):
+        print("gentrain plot RUN_DIR [out=FILE.png]: losses and metrics of a run over steps "
+              "(default RUN_DIR/metrics.png)")
+        return
+    run = keys.pop("run", None) or (positional[0] if len(positional) == 1 else None)
+    if run is None or keys.keys() - {"out"} or len(positional) > 1:
+        fail("usage: gentrain plot RUN_DIR [out=FILE.png]")
+    run_dir = Path(run).expanduser()
+    try:
+        out = plot(run_dir, Path(keys.get("out") or run_dir / "metrics.png").expanduser())
+    except GentrainError as e:
+        fail(str(e))
+    print(f"wrote {out}")
+    sys.exit(0)

@@ -1,0 +1,162 @@
+"""`gentrain eval`, `gentrain classifier`, evaluation during training, and `gentrain plot`, run through the CLI."""
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, assert_one_line_error, run_cli
+
+GAN_KEYS = {"fid@classifier", "kid@classifier", "kid_std@classifier", "precision@classifier",
+            "recall@classifier", "classes@classifier", "class_kl@classifier"}
+
+
+@pytest.fixture(scope="session")
+def metrics_cache(tmp_path_factory, data_root):
+    """One metrics cache for the session; a dataset's classifier is trained the first time it is asked for."""
+    cache = tmp_path_factory.mktemp("metrics-cache")
+    trained = {}
+
+    def classifier(dataset):
+        if dataset not in trained:
+            proc = run_cli(["classifier", f"dataset={dataset}", "device=cpu", f"metrics.cache_dir={cache}"],
+                           cache, data_root, timeout=900)
+            trained[dataset] = float(re.search(r"test accuracy ([\d.]+)%", proc.stdout).group(1)) / 100
+        return trained[dataset]
+
+    return cache, classifier
+
+
+@pytest.mark.parametrize("dataset,expected", [("mnist", 0.985), ("fashion_mnist", 0.90)])
+def test_classifier_reaches_its_expected_test_accuracy(metrics_cache, dataset, expected):
+    cache, classifier = metrics_cache
+    assert classifier(dataset) >= expected
+    stored = torch.load(cache / f"classifier-{dataset}-28px.pt", weights_only=True)
+    assert stored["test_accuracy"] == pytest.approx(classifier(dataset), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root):
+    """A GAN and a VAE trained for a few steps on MNIST."""
+    root = tmp_path_factory.mktemp("runs")
+    for family in ("gan", "vae"):
+        run_cli([f"model={family}", "trainer.steps=6", *FAST, f"hydra.run.dir={root / family}"], root, data_root)
+    return root
+
+
+def evaluate(gentrain, metrics_cache, ckpt, *args, check=True):
+    cache, classifier = metrics_cache
+    classifier("mnist")
+    return gentrain("eval", f"ckpt={ckpt}", "n=300", "device=cpu", f"metrics.cache_dir={cache}", *args, check=check)
+
+
+def test_eval_writes_every_requested_key_and_repeats_exactly(gentrain, metrics_cache, runs, tmp_path):
+    proc = evaluate(gentrain, metrics_cache, runs / "gan")
+    result = json.loads((runs / "gan" / "checkpoints" / "eval.json").read_text())
+    assert set(result["metrics"]) == GAN_KEYS and result["skipped"] == {"nll": "needs a VAE"}
+    assert result["n"] == 300 and result["step"] == 6 and "test accuracy" in result["spaces"]["classifier"]
+    assert "fid@classifier" in proc.stdout and "test accuracy" in proc.stdout  # the table names its space
+    assert all(v >= 0 for k, v in result["metrics"].items() if not k.startswith("kid"))
+    evaluate(gentrain, metrics_cache, runs / "gan", f"out={tmp_path / 'again.json'}")
+    assert json.loads((tmp_path / "again.json").read_text())["metrics"] == result["metrics"]
+    evaluate(gentrain, metrics_cache, runs / "gan", "seed=1", f"out={tmp_path / 'seed1.json'}")
+    assert json.loads((tmp_path / "seed1.json").read_text())["metrics"] != result["metrics"]
+
+
+def test_eval_of_a_vae_reports_elbo_and_nll_in_nats_and_bits(gentrain, metrics_cache, runs, tmp_path):
+    out = tmp_path / "vae.json"
+    evaluate(gentrain, metrics_cache, runs / "vae", "metrics=[pr,nll]", "metrics.k=20", "metrics.nll_n=40",
+             f"out={out}")
+    result = json.loads(out.read_text())
+    m = result["metrics"]
+    assert set(m) == {"precision@classifier", "recall@classifier", "nelbo", "nll", "nelbo_bpd", "nll_bpd"}
+    assert 0 < m["nll"] <= m["nelbo"]  # the IWAE bound is tighter than the ELBO
+    assert m["nll_bpd"] == pytest.approx(m["nll"] / (784 * 0.6931471805599453))
+    assert result["nll_setup"] == {"k": 20, "test_images": 40, "likelihood": "bernoulli"}
+
+
+def test_real_data_floor(gentrain, metrics_cache, tmp_path):
+    cache, classifier = metrics_cache
+    classifier("mnist")
+    out = tmp_path / "floor.json"
+    gentrain("eval", "dataset=mnist", "n=2000", "metrics=[fid,pr,classes]", f"metrics.cache_dir={cache}", f"out={out}")
+    m = json.loads(out.read_text())["metrics"]
+    assert m["fid@classifier"] < 5 and m["precision@classifier"] > 0.7 and m["classes@classifier"] == 10
+
+
+def test_inception_offline_without_weights_is_one_line(gentrain, metrics_cache, runs, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "torch-home"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9"}
+    proc = gentrain("eval", f"ckpt={runs / 'gan'}", "metrics.features=inception", check=False, env=env)
+    line = assert_one_line_error(proc, "InceptionV3 weights", "metrics.inception_weights=PATH")
+    assert str(tmp_path / "torch-home") in line  # says where to put the file
+
+
+def test_inception_features_from_a_local_weights_file(gentrain, metrics_cache, runs, tmp_path):
+    """The inception path end to end, with randomly initialised weights standing in for the real file."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pt"
+    torch.save(torch.nn.Module.state_dict(net), weights)
+    out = tmp_path / "inception.json"
+    evaluate(gentrain, metrics_cache, runs / "gan", "n=24", "metrics=[fid,kid,pr]", "metrics.features=inception",
+             f"metrics.inception_weights={weights}", "metrics.ref_n=24", "metrics.kid_subsets=3", f"out={out}")
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == {"fid@inception", "kid@inception", "kid_std@inception",
+                                      "precision@inception", "recall@inception"}
+    assert "InceptionV3" in result["spaces"]["inception"]
+
+
+def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):
+    assert_one_line_error(gentrain("eval", check=False), "ckpt=PATH")
+    assert_one_line_error(evaluate(gentrain, metrics_cache, runs / "gan", "metrics=[fid,bogus]", check=False),
+                          "bogus is not a metric")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", f"metrics.cache_dir={blocker}/cache",
+                                   check=False), "metrics.cache_dir")
+    assert_one_line_error(gentrain("eval", f"ckpt={tmp_path / 'missing.pt'}", check=False), "not found")
+
+
+def test_training_evaluates_logs_and_keeps_the_best_checkpoint(gentrain, metrics_cache, tmp_path):
+    cache, classifier = metrics_cache
+    classifier("mnist")
+    args = ["model=vae", *FAST, "trainer.eval_every=2", "trainer.eval_n=64", "trainer.eval_metric=nll",
+            "metrics=[fid,nll]", "metrics.k=4", f"metrics.cache_dir={cache}", "hydra.run.dir=run"]
+    gentrain(*args, "trainer.steps=4")
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval/nll" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("eval/fid@classifier" in r for r in evals)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    nlls = {r["step"]: r["eval/nll"] for r in evals}
+    assert best["best"]["metric"] == "nll" and best["best"]["value"] == min(nlls.values())
+    assert best["step"] == min(nlls, key=nlls.get)
+    # Resuming keeps the evaluations up to the checkpoint and adds the new ones once.
+    gentrain("resume=run", "trainer.steps=6")
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "eval/nll" in ln]
+    assert steps == [2, 4, 6]
+
+
+def test_eval_metric_must_be_computed(gentrain, tmp_path, metrics_cache):
+    cache, _ = metrics_cache
+    proc = gentrain("model=gan", *FAST, "trainer.steps=2", "trainer.eval_every=1", "trainer.eval_metric=nll",
+                    f"metrics.cache_dir={cache}", "metrics=[fid]", check=False)
+    assert_one_line_error(proc, "trainer.eval_metric=nll")
+
+
+def test_plot_draws_the_run_curves(gentrain, runs, tmp_path):
+    out = tmp_path / "curves.png"
+    proc = gentrain("plot", runs / "vae", f"out={out}")
+    assert str(out) in proc.stdout
+    with Image.open(out) as img:
+        assert img.width > 300 and img.height > 200
+    gentrain("plot", runs / "gan")
+    assert (runs / "gan" / "metrics.png").is_file()
+    assert_one_line_error(gentrain("plot", tmp_path, check=False), "no metrics.jsonl")
