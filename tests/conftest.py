@@ -1,6 +1,7 @@
 """Shared fixtures: the real test data from ../shared/data, and a runner for the `gentrain` CLI."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,22 @@ def gentrain(tmp_path, data_root):
         return run_cli(args, cwd or tmp_path, data_root, check, timeout, env)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def metrics_cache(tmp_path_factory, data_root):
+    """One metrics cache for the session; a dataset's classifier is trained the first time it is asked for."""
+    cache = tmp_path_factory.mktemp("metrics-cache")
+    trained = {}
+
+    def classifier(dataset):
+        if dataset not in trained:
+            proc = run_cli(["classifier", f"dataset={dataset}", "device=cpu", f"metrics.cache_dir={cache}"],
+                           cache, data_root, timeout=900)
+            trained[dataset] = float(re.search(r"test accuracy ([\d.]+)%", proc.stdout).group(1)) / 100
+        return trained[dataset]
+
+    return cache, classifier
 
 
 def assert_one_line_error(proc, *fragments):

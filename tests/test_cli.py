@@ -18,6 +18,12 @@ def test_sample_help(gentrain):
         assert text in out, text
 
 
+def test_eval_help(gentrain):
+    out = gentrain("eval", "--help").stdout
+    for text in ("metrics=[fid,pr]", "dataset=mnist", "fid@classifier", "features: auto", "compute:"):
+        assert text in out, text
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["model=foo"], ["model=foo is not an option", "gan, vae"]),
     (["dataset=imagenet"], ["dataset=imagenet is not an option", "cifar10, fashion_mnist, folder, mnist"]),

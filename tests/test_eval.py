@@ -13,22 +13,6 @@ GAN_KEYS = {"fid@classifier", "kid@classifier", "kid_std@classifier", "precision
             "recall@classifier", "classes@classifier", "class_kl@classifier"}
 
 
-@pytest.fixture(scope="session")
-def metrics_cache(tmp_path_factory, data_root):
-    """One metrics cache for the session; a dataset's classifier is trained the first time it is asked for."""
-    cache = tmp_path_factory.mktemp("metrics-cache")
-    trained = {}
-
-    def classifier(dataset):
-        if dataset not in trained:
-            proc = run_cli(["classifier", f"dataset={dataset}", "device=cpu", f"metrics.cache_dir={cache}"],
-                           cache, data_root, timeout=900)
-            trained[dataset] = float(re.search(r"test accuracy ([\d.]+)%", proc.stdout).group(1)) / 100
-        return trained[dataset]
-
-    return cache, classifier
-
-
 @pytest.mark.parametrize("dataset,expected", [("mnist", 0.985), ("fashion_mnist", 0.90)])
 def test_classifier_reaches_its_expected_test_accuracy(metrics_cache, dataset, expected):
     cache, classifier = metrics_cache
@@ -122,6 +106,8 @@ def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):
     assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", f"metrics.cache_dir={blocker}/cache",
                                    check=False), "metrics.cache_dir")
     assert_one_line_error(gentrain("eval", f"ckpt={tmp_path / 'missing.pt'}", check=False), "not found")
+    assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", "dataset=fashion_mnist", check=False),
+                          "drop dataset=")
 
 
 def test_training_evaluates_logs_and_keeps_the_best_checkpoint(gentrain, metrics_cache, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import REPO
 
 
-def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root):
+def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root, metrics_cache):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels), str(REPO)], check=True, capture_output=True)
@@ -37,3 +37,8 @@ def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root):
     out = subprocess.run([gentrain, "sample", "ckpt=run", "n=4", "out=grid.png"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "grid.png" in out and (elsewhere / "grid.png").is_file()
+    cache, classifier = metrics_cache
+    classifier("mnist")
+    out = subprocess.run([gentrain, "eval", "ckpt=run", "n=32", "metrics=[fid,pr]", f"metrics.cache_dir={cache}"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
+    assert "fid@classifier" in out and (elsewhere / "run" / "checkpoints" / "eval.json").is_file()

@@ -168,6 +168,9 @@ def main(cfg: DictConfig) -> None:
     if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
         raise GentrainError(f"n must be an integer of at least 2, got {cfg.n!r}")
     device = pick_device(cfg.device, key="device")
+    if cfg.ckpt is not None and cfg.get("dataset") is not None:
+        raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
+                            "elsewhere), or drop ckpt= to score the real data")
     if cfg.ckpt is not None:
         from gentrain.sample import load_model
 

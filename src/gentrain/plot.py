@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,11 +27,25 @@ def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return dict(series)
 
 
+# Evaluation scores that share a panel; the rest get one each, as their scales differ.
+SHARED = {"precision": "precision / recall", "recall": "precision / recall", "nelbo": "-ELBO / NLL (nats)",
+          "nll": "-ELBO / NLL (nats)"}
+LEFT_OUT = ("_std", "_bpd", "eval/seconds")  # spreads, the same numbers in other units, timing
+
+
 def panels(series: dict) -> dict[str, list[str]]:
-    """Group keys by their prefix (D/, G/, vae/, eval/) and put throughput on its own panel."""
+    """Panel title -> keys: one per network or family (D/loss with D(x) and D(G(z)), G/..., vae/...),
+    the evaluation scores, and throughput."""
     groups = defaultdict(list)
     for key in series:
-        groups["eval: " + key.split("/", 1)[1] if key.startswith("eval/") else key.split("/")[0]].append(key)
+        if key.endswith(LEFT_OUT) or "_std@" in key:
+            continue
+        if key.startswith("eval/"):
+            name, _, space = key[5:].partition("@")
+            title = "eval: " + SHARED.get(name, name) + (f" @{space}" if space else "")
+        else:
+            title = re.split(r"[/(]", key)[0]
+        groups[title].append(key)
     return dict(groups)
 
 
@@ -61,7 +76,7 @@ def plot(run_dir: Path, out: Path) -> Path:
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.suptitle(str(run_dir), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     try:
         fig.savefig(out, dpi=100)
     except OSError as e:
