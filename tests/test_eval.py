@@ -146,3 +146,15 @@ def test_plot_draws_the_run_curves(gentrain, runs, tmp_path):
     gentrain("plot", runs / "gan")
     assert (runs / "gan" / "metrics.png").is_file()
     assert_one_line_error(gentrain("plot", tmp_path, check=False), "no metrics.jsonl")
+
+
+def test_evaluating_during_training_changes_nothing_about_the_run(gentrain, tmp_path, metrics_cache):
+    cache, classifier = metrics_cache
+    classifier("mnist")
+    common = ["model=gan", *FAST, "trainer.steps=4"]
+    gentrain(*common, "hydra.run.dir=plain")
+    gentrain(*common, "trainer.eval_every=1", "trainer.eval_n=32", "metrics=[fid,classes]",
+             f"metrics.cache_dir={cache}", "hydra.run.dir=watched")
+    plain, watched = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["model"]
+                      for run in ("plain", "watched"))
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)

@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from gentrain import GentrainError, checkpoint, data
 from gentrain.cli import reported
@@ -63,6 +64,8 @@ class Evaluator:
         if unknown or not compute:
             raise GentrainError(f"metrics: {unknown[0] if unknown else 'the list is empty'} is not a metric; "
                                 f"choose from {', '.join(METRICS)}")
+        if metrics_cfg.split not in ("train", "test"):
+            raise GentrainError(f"metrics.split must be train or test, got {metrics_cfg.split!r}")
         labelled = dataset_cfg.name in data.TORCHVISION
         self.skipped = {}
         if "nll" in compute and family != "vae":
@@ -145,7 +148,8 @@ class Evaluator:
         elbo, iwae = [], []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # the same seed gives the same estimate; training's RNG is untouched
-            for xb in self.test_images.split(batch_size):
+            for xb in tqdm(self.test_images.split(batch_size), desc=f"NLL, k={k}", unit="batch", leave=False,
+                           disable=None):
                 log_w = model.log_weights(xb.to(self.device).float() / 127.5 - 1, k)
                 elbo.append(log_w.mean(1).cpu())
                 iwae.append((log_w.logsumexp(1) - math.log(k)).cpu())
