@@ -74,20 +74,23 @@ class Evaluator:
             self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
         self.compute = [m for m in compute if m not in self.skipped]
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
-        cache = cache_dir_for(metrics_cfg, dataset_cfg)
-        self.space = self.class_space = None
-        split_images = lambda: data.load(dataset_cfg, split=metrics_cfg.split).images
-        if {"fid", "kid", "pr"} & set(self.compute):
-            self.space = features.space(metrics_cfg, dataset_cfg, labelled, cache, device)
-            self.ref = self._reference(self.space, split_images, cache)
-        if "classes" in self.compute:
-            self.class_space = self.space if self.space and self.space.name == "classifier" else \
-                features.classifier_space(dataset_cfg, cache, device)
-            self.class_ref = self._reference(self.class_space, split_images, cache)
-        if "nll" in self.compute:
-            test = data.load(dataset_cfg, split="test").images
-            nll_n = nll_n or metrics_cfg.nll_n
-            self.test_images = test[:nll_n] if nll_n else test
+        # Building the feature network (perhaps training it) must not move the global RNG of a
+        # training run that is being watched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            cache = cache_dir_for(metrics_cfg, dataset_cfg)
+            self.space = self.class_space = None
+            split_images = lambda: data.load(dataset_cfg, split=metrics_cfg.split).images
+            if {"fid", "kid", "pr"} & set(self.compute):
+                self.space = features.space(metrics_cfg, dataset_cfg, labelled, cache, device)
+                self.ref = self._reference(self.space, split_images, cache)
+            if "classes" in self.compute:
+                self.class_space = self.space if self.space and self.space.name == "classifier" else \
+                    features.classifier_space(dataset_cfg, cache, device)
+                self.class_ref = self._reference(self.class_space, split_images, cache)
+            if "nll" in self.compute:
+                test = data.load(dataset_cfg, split="test").images
+                nll_n = nll_n or metrics_cfg.nll_n
+                self.test_images = test[:nll_n] if nll_n else test
 
     def _reference(self, fs, split_images, cache):
         d = self.dataset_cfg
