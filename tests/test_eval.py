@@ -78,23 +78,40 @@ def test_inception_offline_without_weights_is_one_line(gentrain, metrics_cache, 
     assert str(tmp_path / "torch-home") in line  # says where to put the file
 
 
-def test_inception_features_from_a_local_weights_file(gentrain, metrics_cache, runs, tmp_path):
-    """The inception path end to end, with randomly initialised weights standing in for the real file."""
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory):
+    """An InceptionV3 weights file with random weights, standing in for the real (downloaded) one."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
         mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / "inception.pt"
+    weights = tmp_path_factory.mktemp("inception") / "inception.pt"
     torch.save(torch.nn.Module.state_dict(net), weights)
+    return weights
+
+
+def test_inception_features_from_a_local_weights_file(gentrain, metrics_cache, runs, tmp_path, fake_inception):
     out = tmp_path / "inception.json"
     evaluate(gentrain, metrics_cache, runs / "gan", "n=24", "metrics=[fid,kid,pr]", "metrics.features=inception",
-             f"metrics.inception_weights={weights}", "metrics.ref_n=24", "metrics.kid_subsets=3", f"out={out}")
+             f"metrics.inception_weights={fake_inception}", "metrics.ref_n=24", "metrics.kid_subsets=3", f"out={out}")
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == {"fid@inception", "kid@inception", "kid_std@inception",
                                       "precision@inception", "recall@inception"}
     assert "InceptionV3" in result["spaces"]["inception"]
+
+
+def test_image_folder_runs_are_scored_in_inception_space(gentrain, tmp_path, emoji_dir, fake_inception):
+    gentrain("dataset=folder", f"dataset.root={emoji_dir}", "dataset.image_size=32", *FAST, "trainer.steps=2",
+             "hydra.run.dir=run")
+    home = {"HOME": str(tmp_path / "home")}
+    gentrain("eval", "ckpt=run", "n=16", "metrics=[fid,classes]", f"metrics.inception_weights={fake_inception}",
+             "metrics.ref_n=16", env=home)
+    result = json.loads((tmp_path / "run" / "checkpoints" / "eval.json").read_text())
+    assert list(result["metrics"]) == ["fid@inception"] and "no labels" in result["skipped"]["classes"]
+    cached = list((tmp_path / "home" / ".cache" / "gentrain" / "gentrain-cache").glob("reference-folder-*.pt"))
+    assert len(cached) == 1 and not list(emoji_dir.glob("gentrain-cache"))  # never inside the user's folder
 
 
 def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):

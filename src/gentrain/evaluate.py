@@ -5,6 +5,7 @@ scores a model, or a set of real images for the real-data floor, as a flat dict 
 feature space: fid@classifier, precision@inception, ... ; nelbo and nll are in nats per image.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,9 @@ LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False
 
 
 def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
-    path = Path(str(metrics_cfg.cache_dir or Path(str(dataset_cfg.root)).expanduser() / "gentrain-cache")).expanduser()
+    """metrics.cache_dir, else beside the dataset's files; never inside a user's own image folder."""
+    default = Path("~/.cache/gentrain") if dataset_cfg.name == "folder" else Path(str(dataset_cfg.root))
+    path = Path(str(metrics_cfg.cache_dir or default.expanduser() / "gentrain-cache")).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK):
@@ -94,7 +97,11 @@ class Evaluator:
 
     def _reference(self, fs, split_images, cache):
         d = self.dataset_cfg
-        return features.reference(fs, split_images, d.name, self.cfg.split, d.image_size, self.cfg.ref_n, cache)
+        name = d.name
+        if name == "folder":  # one cache serves many folders: name this one by its path
+            where = str(Path(str(d.root)).expanduser().resolve())
+            name = f"folder-{hashlib.sha1(where.encode()).hexdigest()[:8]}-{d.channels}ch"
+        return features.reference(fs, split_images, name, self.cfg.split, d.image_size, self.cfg.ref_n, cache)
 
     def key(self, name: str) -> tuple[str, bool]:
         """A score's name as computed (fid -> fid@classifier) and whether lower is better; for best.pt."""
