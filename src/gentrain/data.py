@@ -27,6 +27,16 @@ TORCHVISION = {
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> floats in [-1, 1], the range every model and network here works in."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 0..255, rounded as a PNG file stores it."""
+    return ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class ImageData:
     images: torch.Tensor          # (N, C, H, W) uint8
@@ -137,4 +147,4 @@ class Batches:
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         x = self.images[idx].to(self.device, non_blocking=True)
-        return x.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]
+        return to_signed(x)

@@ -22,13 +22,15 @@ from gentrain.cli import reported
 from gentrain.config import config_dir
 from gentrain.loop import pick_device
 from gentrain.metrics import features, scores
+from gentrain.sample import generate, load_model
 
 log = logging.getLogger("gentrain")
 
 METRICS = ("fid", "kid", "pr", "classes", "nll")
-# Direction of every score, for picking best.pt: True when lower is better.
-LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False, "classes": False,
-                   "class_kl": True, "nelbo": True, "nll": True, "nelbo_bpd": True, "nll_bpd": True}
+# Every score that can pick best.pt: the metric that computes it, and whether lower is better.
+SCORES = {"fid": ("fid", True), "kid": ("kid", True), "precision": ("pr", False), "recall": ("pr", False),
+          "classes": ("classes", False), "class_kl": ("classes", True), "nelbo": ("nll", True),
+          "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True)}
 
 
 def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
@@ -45,16 +47,10 @@ def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
     return path
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> 0..255, rounded as when the images are saved as PNG files."""
-    return ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
-@torch.no_grad()
 def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500) -> torch.Tensor:
     """n samples as uint8 images on the CPU, from seeded noise: the same seed gives the same images."""
     z = model.noise(n, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([to_uint8(model.sample(zb.to(device))).cpu() for zb in z.split(batch_size)])
+    return data.to_uint8(generate(model, z, device, batch_size))
 
 
 class Evaluator:
@@ -105,13 +101,12 @@ class Evaluator:
 
     def key(self, name: str) -> tuple[str, bool]:
         """A score's name as computed (fid -> fid@classifier) and whether lower is better; for best.pt."""
-        needs = {"fid": "fid", "kid": "kid", "precision": "pr", "recall": "pr", "classes": "classes",
-                 "class_kl": "classes", "nelbo": "nll", "nll": "nll", "nelbo_bpd": "nll", "nll_bpd": "nll"}
-        if name not in needs or needs[name] not in self.compute:
-            computed = [n for n, m in needs.items() if m in self.compute]
+        metric, lower = SCORES.get(name, (None, None))
+        if metric not in self.compute:
+            computed = [n for n, (m, _) in SCORES.items() if m in self.compute]
             raise GentrainError(f"trainer.eval_metric={name} is not computed here; choose from {', '.join(computed)}")
-        space = {"pr": self.space, "fid": self.space, "kid": self.space, "classes": self.class_space}.get(needs[name])
-        return (f"{name}@{space.name}" if space else name), LOWER_IS_BETTER[name]
+        space = self.class_space if metric == "classes" else None if metric == "nll" else self.space
+        return (f"{name}@{space.name}" if space else name), lower
 
     def describe(self) -> dict:
         out = {"reference": f"{self.dataset_cfg.name} {self.cfg.split} split"}
@@ -160,7 +155,7 @@ class Evaluator:
             torch.manual_seed(self.seed)  # the same seed gives the same estimate; training's RNG is untouched
             for xb in tqdm(self.test_images.split(batch_size), desc=f"NLL, k={k}", unit="batch", leave=False,
                            disable=None):
-                log_w = model.log_weights(xb.to(self.device).float() / 127.5 - 1, k)
+                log_w = model.log_weights(data.to_signed(xb.to(self.device)), k)
                 elbo.append(log_w.mean(1).cpu())
                 iwae.append((log_w.logsumexp(1) - math.log(k)).cpu())
         nelbo, nll = -torch.cat(elbo).double().mean().item(), -torch.cat(iwae).double().mean().item()
@@ -186,8 +181,6 @@ def main(cfg: DictConfig) -> None:
         raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
                             "elsewhere), or drop ckpt= to score the real data")
     if cfg.ckpt is not None:
-        from gentrain.sample import load_model
-
         path = checkpoint.resolve(cfg.ckpt)
         model, ckpt = load_model(path, device)
         dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])

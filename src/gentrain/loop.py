@@ -137,6 +137,11 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             raise GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
                                 f"({kept}); lower optim.lr or use trainer.precision=fp32")
 
+    def write_metrics(record: dict) -> None:
+        if is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def write_checkpoint(done: int, keep: bool, path: Path | None = None) -> None:
         check_finite(done)
         if not is_main:
@@ -192,9 +197,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 now = time.perf_counter()
                 record = {"step": step, **values, "img_per_s": (step - tick_step) * t.batch_size / (now - tick),
                           "seconds": seconds + now - t0}
-                if is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                write_metrics(record)
                 shown |= {k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"}
                 bar.set_postfix(shown)
                 log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
@@ -217,10 +220,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 model.train()
                 took = time.perf_counter() - started
                 t0, tick = t0 + took, tick + took  # evaluation time is neither training time nor throughput
-                if is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in scored.items()},
-                                            "eval/seconds": took}) + "\n")
+                write_metrics({"step": step, **{f"eval/{k}": v for k, v in scored.items()}, "eval/seconds": took})
                 log.info("eval at step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in scored.items()))
                 shown |= {k.split("@")[0]: f"{v:.3g}" for k, v in scored.items() if "_" not in k}
                 bar.set_postfix(shown)

@@ -3,7 +3,6 @@
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -104,4 +103,3 @@ def main(args: list[str]) -> None:
     except GentrainError as e:
         fail(str(e))
     print(f"wrote {out}")
-    sys.exit(0)

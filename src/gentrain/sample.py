@@ -36,17 +36,22 @@ def load_model(path, device: torch.device) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
+def generate(model, z: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    """model.sample over the codes z, batch_size at a time on `device`; images in [-1, 1] on the CPU."""
+    return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
+
+
+@torch.no_grad()
 def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor, int | None]:
     """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.mode == "grid":
-        z = model.noise(cfg.n, generator=g)
-        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(cfg.batch_size)]), cfg.nrow
+        return generate(model, model.noise(cfg.n, generator=g), device, cfg.batch_size), cfg.nrow
     if cfg.mode == "interpolate":
         rows = max(1, cfg.n // STEPS)
         a, b = model.noise(rows, generator=g)[:, None], model.noise(rows, generator=g)[:, None]
         z = slerp(a, b, torch.linspace(0, 1, STEPS)[None, :, None]).reshape(rows * STEPS, -1)
-        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(cfg.batch_size)]), STEPS
+        return generate(model, z, device, cfg.batch_size), STEPS
     if not hasattr(model, "reconstruct"):
         raise GentrainError(f"mode=reconstruct needs a VAE checkpoint; this one is a {ckpt['family']}")
     dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
@@ -54,7 +59,7 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
         dataset_cfg.root = cfg.data_root
     test = data.load(dataset_cfg, split="test")
     pick = torch.randperm(len(test.images), generator=g)[:cfg.n]
-    x = test.images[pick].float() / 127.5 - 1
+    x = data.to_signed(test.images[pick])
     recon = torch.cat([model.reconstruct(xb.to(device)).cpu() for xb in x.split(cfg.batch_size)])
     # Rows of inputs, each followed by the row of their reconstructions.
     nrow = cfg.nrow or 8
@@ -80,8 +85,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(str(out)).expanduser()
     if str(cfg.out or "").endswith("/") or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)  # one PNG per image, e.g. for FID tools
-        pixels = ((images + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)  # [-1, 1] -> 0..255, rounded
-        for i, img in enumerate(pixels):
+        for i, img in enumerate(data.to_uint8(images)):
             to_pil_image(img).save(out / f"{i:06d}.png")  # greyscale data stays single-channel
         print(f"wrote {len(images)} images to {out}/")
     else:

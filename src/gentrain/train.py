@@ -25,9 +25,9 @@ def resumed_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
                                 f"key overrides such as trainer.steps=N can")
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     merged.resume = cfg.resume
-    for node in ("metrics",):  # a run from before a config node existed takes today's defaults for it
-        if node not in merged:
-            merged[node] = cfg[node]
+    # A run from before a config node or key existed takes today's defaults for it.
+    if "metrics" not in merged:
+        merged.metrics = cfg.metrics
     for key, value in cfg.trainer.items():
         if key not in merged.trainer:
             merged.trainer[key] = value

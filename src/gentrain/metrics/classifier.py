@@ -10,12 +10,17 @@ import logging
 import time
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
-from gentrain import GentrainError, checkpoint
-from gentrain.data import ImageData
+from gentrain import GentrainError, checkpoint, data
+from gentrain.cli import reported
+from gentrain.config import config_dir
+from gentrain.data import ImageData, to_signed
+from gentrain.loop import pick_device
 
 log = logging.getLogger("gentrain")
 
@@ -53,7 +58,7 @@ def accuracy(model: Classifier, data: ImageData, device: torch.device, batch_siz
     model.eval()
     correct = 0
     for x, y in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-        logits = model(x.to(device).float() / 127.5 - 1)[1]
+        logits = model(to_signed(x.to(device)))[1]
         correct += int((logits.argmax(1).cpu() == y).sum())
     return correct / len(data.labels)
 
@@ -73,7 +78,7 @@ def train(train_data: ImageData, test_data: ImageData, device: torch.device, epo
         order = torch.randperm(len(images), generator=g)[:per_epoch * batch_size].to(device)
         for idx in order.view(per_epoch, batch_size):
             shift = torch.randint(-1, 2, (2,), generator=g).tolist()
-            x = torch.roll(images[idx].float() / 127.5 - 1, shifts=shift, dims=(2, 3))
+            x = torch.roll(to_signed(images[idx]), shifts=shift, dims=(2, 3))
             loss = F.cross_entropy(model(x)[1], labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,8 +107,6 @@ def load(path: Path, device: torch.device) -> tuple[Classifier, dict]:
 
 def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -> tuple[Classifier, dict]:
     """The cached classifier for this dataset and image size, trained first if there is none."""
-    from gentrain import data
-
     path = path_for(cache_dir, dataset_cfg.name, dataset_cfg.image_size)
     if not path.is_file():
         train_data = data.load(dataset_cfg, split="train")
@@ -120,28 +123,18 @@ def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -
     return load(path, device)
 
 
-def main() -> None:
+@hydra.main(config_path=str(config_dir()), config_name="classifier", version_base="1.3")
+@reported
+def main(cfg: DictConfig) -> None:
     """`gentrain classifier dataset=NAME`: train (or show) the cached classifier of a dataset."""
-    import hydra
-    from omegaconf import DictConfig
+    from gentrain.evaluate import cache_dir_for  # evaluate builds on this module
 
-    from gentrain.cli import reported
-    from gentrain.config import config_dir
-    from gentrain.loop import pick_device
-
-    @hydra.main(config_path=str(config_dir()), config_name="classifier", version_base="1.3")
-    @reported
-    def task(cfg: DictConfig) -> None:
-        from gentrain.evaluate import cache_dir_for
-
-        device = pick_device(cfg.device, key="device")
-        cache = cache_dir_for(cfg.metrics, cfg.dataset)
-        path = path_for(cache, cfg.dataset.name, cfg.dataset.image_size)
-        if cfg.retrain and path.is_file():
-            path.unlink()
-        _, info = ensure(cfg.dataset, cache, device, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         seed=cfg.seed)
-        print(f"{info['dataset']} {info['image_size']}px classifier: test accuracy {100 * info['test_accuracy']:.2f}% "
-              f"(trained in {info['seconds']:.0f} s); {path}")
-
-    task()
+    device = pick_device(cfg.device, key="device")
+    cache = cache_dir_for(cfg.metrics, cfg.dataset)
+    path = path_for(cache, cfg.dataset.name, cfg.dataset.image_size)
+    if cfg.retrain and path.is_file():
+        path.unlink()
+    _, info = ensure(cfg.dataset, cache, device, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                     seed=cfg.seed)
+    print(f"{info['dataset']} {info['image_size']}px classifier: test accuracy {100 * info['test_accuracy']:.2f}% "
+          f"(trained in {info['seconds']:.0f} s); {path}")

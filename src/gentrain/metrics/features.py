@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from gentrain import GentrainError, checkpoint
+from gentrain import GentrainError, checkpoint, data
 from gentrain.metrics import classifier, scores
 
 log = logging.getLogger("gentrain")
@@ -52,7 +52,7 @@ def classifier_space(dataset_cfg, cache_dir: Path, device: torch.device) -> Feat
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:8]  # a retrained classifier is a new space
 
     def extract(images):
-        return _batched(lambda x: model(x.float() / 127.5 - 1), images, device, 1000)
+        return _batched(lambda x: model(data.to_signed(x)), images, device, 1000)
 
     acc = info["test_accuracy"]
     return FeatureSpace("classifier", f"classifier ({info['dataset']} {info['image_size']}px, "
