@@ -7,14 +7,15 @@ from conftest import assert_one_line_error
 
 def test_help_lists_groups_choices_and_main_keys(gentrain):
     out = gentrain("--help").stdout
-    for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, mnist", "experiment:",
-                 "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample"):
+    for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, grid25, mnist, ring8", "experiment:",
+                 "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample",
+                 "model.loss (ns|minimax|wgan|wgan_gp|hinge|lsgan)", "optim.lr_D, optim.lr_G"):
         assert text in out, text
 
 
 def test_sample_help(gentrain):
     out = gentrain("sample", "--help").stdout
-    for text in ("ckpt: ???", "mode=interpolate", "mode=reconstruct", "out=DIR/"):
+    for text in ("ckpt: ???", "mode=interpolate", "mode=reconstruct", "out=DIR/", "class=3", "ema: true"):
         assert text in out, text
 
 
@@ -26,7 +27,7 @@ def test_eval_help(gentrain):
 
 @pytest.mark.parametrize("args, fragments", [
     (["model=foo"], ["model=foo is not an option", "gan, vae"]),
-    (["dataset=imagenet"], ["dataset=imagenet is not an option", "cifar10, fashion_mnist, folder, mnist"]),
+    (["dataset=imagenet"], ["dataset=imagenet is not an option", "cifar10, fashion_mnist, folder, grid25, mnist, ring8"]),
     (["-m", "model=gan,diffusion"], ["model=diffusion is not an option"]),
     (["trainer.stpes=10"], ["Could not override 'trainer.stpes'"]),
     (["model=gan,vae"], ["Ambiguous value", "--multirun"]),
@@ -38,6 +39,11 @@ def test_eval_help(gentrain):
     (["trainer.device=cuda"] , ["trainer.device=cuda but torch sees no CUDA GPU"]),
     (["dataset=folder"], ["dataset.root has no value"]),
     (["model.loss=wasserstein"], ["model.loss='wasserstein' is not a GAN loss"]),
+    (["model.arch=vit"], ["model.arch='vit' is unknown; choose from dcgan, resnet, mlp"]),
+    (["model.augment=[color,flip]"], ["model.augment: 'flip' is not a DiffAugment transform"]),
+    (["model.arch=mlp"], ["model.arch=mlp is for 2-D points"]),
+    (["dataset=ring8", "model=vae"], ["dataset=ring8 holds 2-D points"]),
+    (["model.conditional=true", "dataset=folder", "dataset.root=."], ["needs a labelled dataset"]),
     (["trainer.steps=[1"], ["no viable alternative"]),
 ])
 def test_bad_overrides_fail_in_one_line(gentrain, args, fragments):

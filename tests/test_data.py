@@ -81,17 +81,36 @@ def test_empty_and_undecodable_folders_are_user_errors(tmp_path):
 
 def test_batches_visit_every_example_once_per_epoch_and_repeat_exactly():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
-    data = ImageData(images, None)
+    data = ImageData(images, torch.arange(10) * 10, num_classes=100)
     batches = Batches(data, batch_size=3, seed=7, device=torch.device("cpu"))
-    to_ids = lambda x: ((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+    to_ids = lambda batch: ((batch[0][:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
     epoch0 = sum((to_ids(batches(s)) for s in range(3)), [])
     assert len(set(epoch0)) == 9  # 3 full batches of distinct images, the partial one dropped
     epoch1 = sum((to_ids(batches(s)) for s in range(3, 6)), [])
     assert epoch0 != epoch1  # reshuffled every epoch
     again = Batches(data, batch_size=3, seed=7, device=torch.device("cpu"))
     assert to_ids(again(4)) == to_ids(batches(4))  # a pure function of (seed, step): resume draws the same
-    x = batches(0)
+    x, y = batches(0)
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert (y == torch.tensor(to_ids((x, y))) * 10).all()  # each image keeps its own label
+
+
+def test_toy_datasets_are_seeded_mixtures_of_their_modes():
+    from omegaconf import OmegaConf
+
+    from gentrain.data import toy_modes
+
+    for name, modes, std in (("ring8", 8, 0.02), ("grid25", 25, 0.05)):
+        cfg = OmegaConf.create({"name": name, "n": 5000, "seed": 0})
+        train, test = load(cfg, "train"), load(cfg, "test")
+        means, s = toy_modes(name)
+        assert train.points and train.images.shape == (5000, 2) and s == std and len(means) == modes
+        dist = torch.cdist(train.images, means).min(1)
+        assert (dist.values < 5 * std).all()  # every point sits on one of the modes
+        assert torch.bincount(dist.indices, minlength=modes).min() > 5000 / modes / 2  # all modes, about evenly
+        assert torch.equal(train.images, load(cfg, "train").images) and not torch.equal(train.images, test.images)
+        x, y = Batches(train, 64, 0, torch.device("cpu"))(0)
+        assert x.dtype == torch.float32 and y is None
 
 
 def test_batch_larger_than_dataset_is_a_user_error():

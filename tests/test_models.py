@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gentrain import GentrainError
 from gentrain.models import build
-from gentrain.models.gan import d_loss, g_loss_minimax, g_loss_ns
+from gentrain.models.losses import d_loss, g_loss_minimax, g_loss_ns
 from gentrain.models.vae import kl_std_normal, log_likelihood
 
 SIZES = [28, 32, 64]

@@ -5,11 +5,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gentrain import GentrainError
+from gentrain.data import TORCHVISION, TOY
 from gentrain.loop import pick_device, pick_precision
 from gentrain.models.nets import PLANS
 
 # The config groups: on resume these cannot change, only keys inside them.
 GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
+# Each family's phases, which name its per-phase learning rates optim.lr_<phase>.
+PHASES = {"gan": ("D", "G"), "vae": ("vae",)}
 
 
 def config_dir() -> Path:
@@ -43,13 +46,27 @@ def check_train(cfg: DictConfig) -> None:
                 "trainer.ckpt_every", "trainer.n_samples", "model.z_dim", "model.ch"):
         _positive(cfg, key)
     _positive(cfg, "optim.lr", integer=False)
+    phases = PHASES.get(cfg.model.family, ())
+    for key in (k for k in cfg.optim if str(k).startswith("lr_")):
+        if key[len("lr_"):] not in phases:
+            raise GentrainError(f"optim.{key}: {cfg.model.family} has no phase {key[len('lr_'):]!r}; "
+                                f"per-phase learning rates are {', '.join('optim.lr_' + p for p in phases)}")
+        if cfg.optim[key] is not None:
+            _positive(cfg, f"optim.{key}", integer=False)
     every = cfg.trainer.eval_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise GentrainError(f"trainer.eval_every must be 0 (off) or a positive integer, got {every!r}")
     if every:
         _positive(cfg, "trainer.eval_n")
         _positive(cfg, "metrics.k")
-    if cfg.dataset.image_size not in PLANS:
+    if cfg.model.get("conditional") and cfg.dataset.name not in TORCHVISION:  # before loading any data
+        raise GentrainError(f"model.conditional=true needs a labelled dataset ({', '.join(TORCHVISION)}); "
+                            f"dataset={cfg.dataset.name} has no labels")
+    if cfg.dataset.name in TOY:
+        if cfg.model.family != "gan" or cfg.model.get("arch") not in ("auto", "mlp"):
+            raise GentrainError(f"dataset={cfg.dataset.name} holds 2-D points: train it with model=gan and "
+                                f"model.arch=auto or mlp (or experiment=toy_{cfg.dataset.name})")
+    elif cfg.dataset.image_size not in PLANS:
         raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, "
                             f"got {cfg.dataset.image_size!r}")
     device = pick_device(cfg.trainer.device)  # also: cuda asked for where torch sees none

@@ -1,8 +1,10 @@
-"""Datasets decoded once into uint8 image tensors, and the deterministic batch order the loop draws from."""
+"""Datasets decoded once into uint8 image tensors (or drawn as 2-D points for the toy benchmarks),
+and the deterministic batch order the loop draws from."""
 
 import contextlib
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,35 @@ TORCHVISION = {
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+
+
+def toy_modes(name: str) -> tuple[torch.Tensor, float]:
+    """The mixture components of a 2-D toy dataset: the means (M, 2) and the per-coordinate std.
+
+    ring8:  8 Gaussians on a circle of radius 2, std 0.02 (the ring of Metz et al. 2017 and VEEGAN,
+            Srivastava et al. 2017).
+    grid25: 25 Gaussians at (-4 + 2i, -4 + 2j), i, j = 0..4, std 0.05 (variance 0.0025, as PacGAN,
+            Lin et al. 2018).
+    """
+    if name == "ring8":
+        angle = torch.arange(8) * (2 * math.pi / 8)
+        return torch.stack([2 * angle.cos(), 2 * angle.sin()], 1), 0.02
+    grid = torch.arange(5) * 2.0 - 4
+    return torch.cartesian_prod(grid, grid), 0.05
+
+
+TOY = ("ring8", "grid25")
+
+
+def _load_toy(cfg, split: str) -> "ImageData":
+    """dataset.n points drawn once from the mixture, each component equally likely; the test split is a
+    second draw. Seeded by dataset.seed, so every run trains on the same points."""
+    means, std = toy_modes(cfg.name)
+    g = torch.Generator().manual_seed(cfg.seed * 2 + (split == "test"))
+    which = torch.randint(len(means), (cfg.n,), generator=g)
+    return ImageData(means[which] + std * torch.randn(cfg.n, 2, generator=g), None)
+
+
 def to_signed(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0..255 -> floats in [-1, 1], the range every model and network here works in."""
     return images.float().div_(127.5).sub_(1.0)
@@ -39,26 +70,35 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ImageData:
-    images: torch.Tensor          # (N, C, H, W) uint8
+    images: torch.Tensor          # (N, C, H, W) uint8, or (N, 2) float points of a toy dataset
     labels: torch.Tensor | None   # (N,) int64, or None for an unlabelled folder
     num_classes: int = 0
 
     @property
+    def points(self) -> bool:
+        return self.images.ndim == 2
+
+    @property
     def channels(self) -> int:
+        """Image channels, or the dimension of a point."""
         return self.images.shape[1]
 
     @property
     def image_size(self) -> int:
-        return self.images.shape[-1]
+        """The image side; 0 for points."""
+        return 0 if self.points else self.images.shape[-1]
 
 
 def load(dataset_cfg, split: str = "train") -> ImageData:
     """The images of a dataset config's split, resized to dataset.image_size."""
-    name, size = dataset_cfg.name, dataset_cfg.image_size
+    name = dataset_cfg.name
+    if name in TOY:
+        return _load_toy(dataset_cfg, split)
     if name == "folder":
         return _load_folder(dataset_cfg)
     if name not in TORCHVISION:
-        raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join([*TORCHVISION, 'folder'])}")
+        raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join([*TORCHVISION, 'folder', *TOY])}")
+    size = dataset_cfg.image_size
     data = _load_torchvision(name, Path(str(dataset_cfg.root)).expanduser(), split, dataset_cfg.get("download", True))
     if data.image_size != size:
         data.images = torch.cat([TF.resize(chunk, [size, size], antialias=True)
@@ -127,7 +167,8 @@ class Batches:
 
     Batch `step` is a pure function of (seed, step), so a resumed run draws exactly the batches the
     uninterrupted run would have. The uint8 images sit on the training device when they fit, so a
-    batch costs one gather and one conversion, and no loader workers.
+    batch costs one gather and one conversion, and no loader workers. A batch is (x, y): images in
+    [-1, 1] (or points) and their labels, None for unlabelled data.
     """
 
     def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
@@ -136,15 +177,17 @@ class Batches:
             raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
         on_device = device.type == "cpu" or data.images.nbytes < 2**31
         self.images = data.images.to(device) if on_device else data.images.pin_memory()
+        self.labels = None if data.labels is None else data.labels.to(self.images.device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
 
-    def __call__(self, step: int) -> torch.Tensor:
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         x = self.images[idx].to(self.device, non_blocking=True)
-        return to_signed(x)
+        y = None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
+        return (to_signed(x) if x.dtype == torch.uint8 else x), y

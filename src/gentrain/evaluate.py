@@ -26,11 +26,13 @@ from gentrain.sample import generate, load_model
 
 log = logging.getLogger("gentrain")
 
-METRICS = ("fid", "kid", "pr", "classes", "nll")
+METRICS = ("fid", "kid", "pr", "classes", "nll", "modes")
+IMAGE_METRICS = ("fid", "kid", "pr", "classes")
 # Every score that can pick best.pt: the metric that computes it, and whether lower is better.
 SCORES = {"fid": ("fid", True), "kid": ("kid", True), "precision": ("pr", False), "recall": ("pr", False),
-          "classes": ("classes", False), "class_kl": ("classes", True), "nelbo": ("nll", True),
-          "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True)}
+          "classes": ("classes", False), "class_kl": ("classes", True), "class_acc": ("classes", False),
+          "nelbo": ("nll", True), "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True),
+          "modes": ("modes", False), "hq": ("modes", False)}
 
 
 def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
@@ -47,10 +49,13 @@ def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
     return path
 
 
-def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """n samples as uint8 images on the CPU, from seeded noise: the same seed gives the same images."""
+def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500):
+    """n samples on the CPU from seeded noise (the same seed gives the same samples): uint8 images, or
+    a toy model's points; and the classes they were drawn for (each in turn), None if unconditional."""
     z = model.noise(n, generator=torch.Generator().manual_seed(seed))
-    return data.to_uint8(generate(model, z, device, batch_size))
+    y = torch.arange(n) % model.num_classes if getattr(model, "num_classes", 0) else None
+    samples = generate(model, z, device, batch_size, y)
+    return (samples if samples.ndim == 2 else data.to_uint8(samples)), y
 
 
 class Evaluator:
@@ -66,18 +71,25 @@ class Evaluator:
         if metrics_cfg.split not in ("train", "test"):
             raise GentrainError(f"metrics.split must be train or test, got {metrics_cfg.split!r}")
         labelled = dataset_cfg.name in data.TORCHVISION
+        toy = dataset_cfg.name in data.TOY
         self.skipped = {}
         if "nll" in compute and family != "vae":
             self.skipped["nll"] = "needs a VAE" if family else "real images have no model likelihood"
-        if "classes" in compute and not labelled:
+        if "classes" in compute and not labelled and not toy:
             self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
+        for m in compute:
+            if toy and m in IMAGE_METRICS:
+                self.skipped[m] = f"{dataset_cfg.name} holds 2-D points, not images"
+            if m == "modes" and not toy:
+                self.skipped[m] = "needs a 2-D toy dataset (ring8, grid25)"
         self.compute = [m for m in compute if m not in self.skipped]
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
         # Building the feature network (perhaps training it) must not move the global RNG of a
         # training run that is being watched.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            cache = cache_dir_for(metrics_cfg, dataset_cfg)
             self.space = self.class_space = None
+            if set(IMAGE_METRICS) & set(self.compute):
+                cache = cache_dir_for(metrics_cfg, dataset_cfg)
             split_images = lambda: data.load(dataset_cfg, split=metrics_cfg.split).images
             if {"fid", "kid", "pr"} & set(self.compute):
                 self.space = features.space(metrics_cfg, dataset_cfg, labelled, cache, device)
@@ -86,6 +98,8 @@ class Evaluator:
                 self.class_space = self.space if self.space and self.space.name == "classifier" else \
                     features.classifier_space(dataset_cfg, cache, device)
                 self.class_ref = self._reference(self.class_space, split_images, cache)
+            if "modes" in self.compute:
+                self.modes = data.toy_modes(dataset_cfg.name)
             if "nll" in self.compute:
                 test = data.load(dataset_cfg, split="test").images
                 nll_n = nll_n or metrics_cfg.nll_n
@@ -105,7 +119,7 @@ class Evaluator:
         if metric not in self.compute:
             computed = [n for n, (m, _) in SCORES.items() if m in self.compute]
             raise GentrainError(f"trainer.eval_metric={name} is not computed here; choose from {', '.join(computed)}")
-        space = self.class_space if metric == "classes" else None if metric == "nll" else self.space
+        space = self.class_space if metric == "classes" else None if metric in ("nll", "modes") else self.space
         return (f"{name}@{space.name}" if space else name), lower
 
     def describe(self) -> dict:
@@ -117,12 +131,20 @@ class Evaluator:
 
     def __call__(self, model) -> dict[str, float]:
         """Scores of a model: its n seeded samples against the reference, and for a VAE the test ELBO/NLL."""
-        scored = self.score_images(draw(model, self.n, self.seed, self.device)) if self.space or self.class_space else {}
+        scored = {}
+        if self.space or self.class_space or "modes" in self.compute:
+            scored = self.score_images(*draw(model, self.n, self.seed, self.device))
         if "nll" in self.compute:
             scored |= self.likelihood(model)
         return scored
 
-    def score_images(self, images: torch.Tensor) -> dict[str, float]:
+    def score_images(self, images: torch.Tensor, requested: torch.Tensor | None = None) -> dict[str, float]:
+        """Scores of a sample set (uint8 images, or 2-D points); `requested` are the classes a
+        conditional model drew them for."""
+        if "modes" in self.compute:
+            means, std = self.modes
+            modes, hq = scores.modes_covered(images, means, std)
+            return {"modes": modes, "hq": hq}
         out = {}
         if self.space is not None:
             feats, logits = self.space.extract(images)
@@ -143,6 +165,8 @@ class Evaluator:
             hist = scores.class_histogram(logits.argmax(1), self.class_space.num_classes)
             out["classes@classifier"] = scores.classes_covered(hist)
             out["class_kl@classifier"] = scores.class_kl(hist, self.class_ref["class_hist"])
+            if requested is not None:
+                out["class_acc@classifier"] = scores.class_accuracy(logits.argmax(1), requested)
         return out
 
     @torch.no_grad()
@@ -182,7 +206,7 @@ def main(cfg: DictConfig) -> None:
                             "elsewhere), or drop ckpt= to score the real data")
     if cfg.ckpt is not None:
         path = checkpoint.resolve(cfg.ckpt)
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_model(path, device, cfg.ema)
         dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
         family, what = ckpt["family"], f"{path} ({ckpt['family']}, step {ckpt['step']})"
         out = Path(str(cfg.out)).expanduser() if cfg.out else path.parent / "eval.json"

@@ -1,8 +1,9 @@
 """The training loop shared by every model family.
 
 It owns devices, mixed precision, optimizer steps, logging, sample grids and checkpoints. A family
-supplies `phases` and `loss(phase, x)` (GAN: "D" then "G"; VAE: "vae"); the loop runs each phase
-with its own optimizer and knows nothing else about the model.
+supplies `phases` and `loss(phase, x, y, step)` (GAN: "D" d_steps times, then "G"; VAE: "vae"); the
+loop runs each phase with its own optimizer, calls the model's `after_step(phase, step)` hook if it
+has one (WGAN clipping, EMA), and knows nothing else about the model.
 """
 
 import json
@@ -21,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gentrain import GentrainError, Interrupted, checkpoint
 from gentrain.data import Batches, ImageData
+from gentrain.models import grid_codes
 
 log = logging.getLogger("gentrain")
 
@@ -48,8 +50,13 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     return PRECISIONS[name]
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    """Images in [-1, 1] as one PNG grid, about square unless nrow is given."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, reference: torch.Tensor | None = None) -> None:
+    """Images in [-1, 1] as one PNG grid, about square unless nrow is given; 2-D points as a scatter
+    plot over the `reference` (real) points."""
+    if images.ndim == 2:
+        from gentrain.plot import scatter
+
+        return scatter(images.float().cpu(), path, reference)
     nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
     save_image(images.float(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
 
@@ -92,16 +99,21 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     is_main = int(os.environ.get("RANK", "0")) == 0   # only rank 0 writes files
 
     model.to(device).train()
-    optimizers = {p: make_optimizer(model.phase_parameters(p)) for p in model.phases}
+    phases = dict.fromkeys(model.phases)  # each phase once, in order: one optimizer each
+    optimizers = {p: make_optimizer(p, model.phase_parameters(p)) for p in phases}
     # fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
-    scalers = {p: torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16) for p in model.phases}
-    step, seconds, sums, logged_at, best = 0, 0.0, {}, 0, None
+    scalers = {p: torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16) for p in phases}
+    # A phase that runs several times per step (D with d_steps > 1) reads a fresh real batch each time:
+    # its r-th run in step s reads batch s * draws + r. Its logged numbers are the mean over its runs.
+    draws = max(model.phases.count(p) for p in phases)
+    after_step = getattr(model, "after_step", None)
+    step, seconds, sums, counts, logged_at, best = 0, 0.0, {}, {}, 0, None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise GentrainError("the checkpoint's weights do not fit the model its config describes") from None
-        for p in model.phases:
+        for p in phases:
             optimizers[p].load_state_dict(ckpt["optim"][p])
             for group in optimizers[p].param_groups:  # hyperparameters follow the config (optim.lr=... on resume)
                 group.update(optimizers[p].defaults)
@@ -109,20 +121,24 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         step, seconds = ckpt["step"], ckpt["seconds"]
         sums = {k: v.to(device) for k, v in ckpt["log"]["sums"].items()}
         logged_at = ckpt["log"]["logged_at"]
+        counts = ckpt["log"].get("counts", {k: step - logged_at for k in sums})  # older runs: one per step
         best = ckpt.get("best")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     batches = Batches(data, t.batch_size, cfg.seed, device)
-    # One fixed noise batch for every sample grid, so grids over training show the same latents.
-    fixed_z = model.noise(t.n_samples, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    # One fixed noise batch for every sample grid, so grids over training show the same latents
+    # (a conditional model's grid has one class per row).
+    fixed_z, fixed_y, nrow = grid_codes(model, t.n_samples, torch.Generator().manual_seed(cfg.seed))
+    fixed = (fixed_z.to(device),) if fixed_y is None else (fixed_z.to(device), fixed_y.to(device))
+    reference = data.images[:t.n_samples] if data.points else None  # toy data: samples over real points
     ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         sample_dir.mkdir(parents=True, exist_ok=True)
         if step == 0:
-            save_grid(batches(0)[:t.n_samples], run_dir / "reals.png")
+            save_grid(data.images[:t.n_samples] if data.points else batches(0)[0][:t.n_samples], run_dir / "reals.png")
         _truncate_metrics(run_dir / "metrics.jsonl", logged_at, step)
 
     # The first step whose loss was not finite, kept on the device: checking it costs a host sync,
@@ -157,7 +173,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             "scaler": {p: s.state_dict() for p, s in scalers.items()},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "log": {"sums": {k: v.cpu() for k, v in sums.items()}, "logged_at": logged_at},
+            "log": {"sums": {k: v.cpu() for k, v in sums.items()}, "counts": counts, "logged_at": logged_at},
             "best": best,
         }
         if path is not None:
@@ -169,31 +185,38 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     tick_step, shown = step, {}  # shown: the progress bar's latest numbers
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
     with _StopOnSignal() as stop, logging_redirect_tqdm():
-        log.info("training %s on %s (%d images, %dx%d) on %s%s, from step %d to %d, run folder %s",
-                 cfg.model.family, cfg.dataset.name, len(data.images), data.image_size, data.image_size,
-                 device, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
+        what = f"{len(data.images)} points" if data.points else \
+            f"{len(data.images)} images, {data.image_size}x{data.image_size}"
+        log.info("training %s on %s (%s) on %s%s, from step %d to %d, run folder %s", cfg.model.family,
+                 cfg.dataset.name, what, device, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
         while step < t.steps:
-            x = batches(step)
+            runs = dict.fromkeys(phases, 0)
             for phase in model.phases:
+                x, y = batches(step * draws + runs[phase])
+                runs[phase] += 1
                 # Only this phase's parameters collect gradients (G's step does not fill D's .grad).
                 model.requires_grad_(False)
                 for p in model.phase_parameters(phase):
                     p.requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, stats = model.loss(phase, x)
+                    loss, stats = model.loss(phase, x, y, step)
                 optimizers[phase].zero_grad(set_to_none=True)
                 scalers[phase].scale(loss).backward()
                 scalers[phase].step(optimizers[phase])
                 scalers[phase].update()
+                if after_step is not None:
+                    after_step(phase, step)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-                for k, v in stats.items():
+                for k, v in stats.items():  # a number's mean over the runs that reported it (R1 is lazy)
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
+                    counts[k] = counts.get(k, 0) + 1
             step += 1
             bar.update(1)
 
             if step % t.log_every == 0 or step == t.steps:
                 check_finite(step)
-                values = dict(zip(sums, (torch.stack(list(sums.values())) / (step - logged_at)).tolist()))
+                values = dict(zip(sums, (torch.stack(list(sums.values())).cpu() / torch.tensor(
+                    [counts[k] for k in sums], dtype=torch.float32)).tolist()))
                 now = time.perf_counter()
                 record = {"step": step, **values, "img_per_s": (step - tick_step) * t.batch_size / (now - tick),
                           "seconds": seconds + now - t0}
@@ -203,13 +226,13 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()), record["img_per_s"])
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
-                    sums, logged_at, tick, tick_step = {}, step, now, step
+                    sums, counts, logged_at, tick, tick_step = {}, {}, step, now, step
 
             if is_main and (step % t.sample_every == 0 or step == t.steps):
                 check_finite(step)
                 model.eval()
                 with torch.no_grad():
-                    save_grid(model.sample(fixed_z), sample_dir / f"step_{step:07d}.png")
+                    save_grid(model.sample(*fixed), sample_dir / f"step_{step:07d}.png", nrow, reference)
                 model.train()
 
             if evaluate is not None and (step % t.eval_every == 0 or step == t.steps):

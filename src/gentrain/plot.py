@@ -48,11 +48,33 @@ def panels(series: dict) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def plot(run_dir: Path, out: Path) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scatter(points, path: Path, reference=None) -> None:
+    """2-D samples of a toy model as a scatter plot, over the real points (grey) when given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.7", label="real")
+    ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    plt = _pyplot()
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

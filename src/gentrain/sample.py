@@ -11,6 +11,7 @@ from gentrain import GentrainError, checkpoint, data, models
 from gentrain.cli import reported
 from gentrain.config import config_dir
 from gentrain.loop import pick_device, save_grid
+from gentrain.models import grid_codes
 
 MODES = ("grid", "interpolate", "reconstruct")
 STEPS = 10  # images per interpolation row
@@ -25,33 +26,54 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
-def load_model(path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_model(path, device: torch.device, ema: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The model a checkpoint describes, with its weights, in eval mode; ema=False samples a GAN's raw G
+    instead of the EMA of its weights."""
     ckpt = checkpoint.load(path)
-    model = models.build(ckpt["config"]["model"], ckpt["data"]["channels"], ckpt["data"]["image_size"])
+    facts = ckpt["data"]
+    model = models.build(ckpt["config"]["model"], facts["channels"], facts["image_size"], facts.get("num_classes", 0))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
         raise GentrainError(f"{path}: the stored weights do not fit the stored model config") from None
+    if hasattr(model, "use_ema"):
+        model.use_ema = ema and model.G_ema is not None
     return model.to(device).eval(), ckpt
 
 
 @torch.no_grad()
-def generate(model, z: torch.Tensor, device, batch_size: int) -> torch.Tensor:
-    """model.sample over the codes z, batch_size at a time on `device`; images in [-1, 1] on the CPU."""
-    return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
+def generate(model, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """model.sample over the codes z (and class labels y), batch_size at a time on `device`; images in
+    [-1, 1] (or points) on the CPU."""
+    if y is None:
+        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
+    return torch.cat([model.sample(zb.to(device), yb.to(device)).cpu()
+                      for zb, yb in zip(z.split(batch_size), y.split(batch_size))])
 
 
 @torch.no_grad()
 def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor, int | None]:
     """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
     g = torch.Generator().manual_seed(cfg.seed)
+    label = cfg.get("class")
+    if label is not None:
+        classes = getattr(model, "num_classes", 0)
+        if not classes:
+            raise GentrainError(f"class={label} needs a conditional model (model.conditional=true); this one is not")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+            raise GentrainError(f"class must be an integer from 0 to {classes - 1}, got {label!r}")
     if cfg.mode == "grid":
-        return generate(model, model.noise(cfg.n, generator=g), device, cfg.batch_size), cfg.nrow
+        z, y, nrow = grid_codes(model, cfg.n, g, label)
+        return generate(model, z, device, cfg.batch_size, y), cfg.nrow or nrow
     if cfg.mode == "interpolate":
         rows = max(1, cfg.n // STEPS)
         a, b = model.noise(rows, generator=g)[:, None], model.noise(rows, generator=g)[:, None]
         z = slerp(a, b, torch.linspace(0, 1, STEPS)[None, :, None]).reshape(rows * STEPS, -1)
-        return generate(model, z, device, cfg.batch_size), STEPS
+        y = None
+        if getattr(model, "num_classes", 0):  # one class along each row
+            y = torch.full((rows,), label) if label is not None else torch.arange(rows) % model.num_classes
+            y = y.repeat_interleave(STEPS)
+        return generate(model, z, device, cfg.batch_size, y), STEPS
     if not hasattr(model, "reconstruct"):
         raise GentrainError(f"mode=reconstruct needs a VAE checkpoint; this one is a {ckpt['family']}")
     dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
@@ -76,8 +98,13 @@ def main(cfg: DictConfig) -> None:
         raise GentrainError(f"n and batch_size must be positive integers, got n={cfg.n}, batch_size={cfg.batch_size}")
     device = pick_device(cfg.device, key="device")
     path = checkpoint.resolve(cfg.ckpt)
-    model, ckpt = load_model(path, device)
+    model, ckpt = load_model(path, device, cfg.ema)
     images, nrow = images_for(cfg, model, ckpt, device)
+    reference = None
+    if images.ndim == 2:  # a toy model's points: one scatter plot over the dataset's test points
+        if str(cfg.out or "").endswith("/") or (cfg.out and Path(str(cfg.out)).is_dir()):
+            raise GentrainError("2-D points are drawn as one scatter plot; give out=FILE.png, not a folder")
+        reference = data.load(OmegaConf.create(ckpt["config"]["dataset"]), split="test").images[:len(images)]
 
     out = cfg.out
     if out is None:
@@ -90,5 +117,6 @@ def main(cfg: DictConfig) -> None:
         print(f"wrote {len(images)} images to {out}/")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, out, nrow)
-        print(f"wrote {cfg.mode} grid ({len(images)} images) to {out}")
+        save_grid(images, out, nrow, reference)
+        print(f"wrote {cfg.mode} {'scatter plot' if reference is not None else 'grid'} ({len(images)} "
+              f"{'points' if reference is not None else 'images'}) to {out}")

@@ -34,6 +34,20 @@ def resumed_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
     return merged
 
 
+def optimizer_factory(optim_cfg: DictConfig):
+    """make_optimizer(phase, params): one optimizer per phase from the `optim` partial. A key
+    optim.lr_<phase> (lr_D, lr_G) gives that phase its own learning rate: the two time-scale update
+    rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019)."""
+    cfg = OmegaConf.to_container(optim_cfg, resolve=True)
+    per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
+    make = instantiate(cfg, _convert_="all")
+
+    def make_optimizer(phase: str, params):
+        return make(params) if per_phase.get(phase) is None else make(params, lr=per_phase[phase])
+
+    return make_optimizer
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 @reported
 def main(cfg: DictConfig) -> None:
@@ -49,7 +63,7 @@ def main(cfg: DictConfig) -> None:
     check_train(cfg)
     torch.manual_seed(cfg.seed)
     train_data = data.load(cfg.dataset, split="train")
-    model = models.build(cfg.model, train_data.channels, train_data.image_size)
+    model = models.build(cfg.model, train_data.channels, train_data.image_size, train_data.num_classes)
     evaluate = best_by = None
     if cfg.trainer.eval_every:
         from gentrain.evaluate import Evaluator
@@ -57,4 +71,4 @@ def main(cfg: DictConfig) -> None:
         evaluate = Evaluator(cfg.metrics, cfg.dataset, cfg.model.family, cfg.trainer.eval_n, cfg.seed,
                              loop.pick_device(cfg.trainer.device), nll_n=cfg.trainer.eval_n)
         best_by = evaluate.key(cfg.trainer.eval_metric)
-    loop.train(cfg, model, train_data, instantiate(cfg.optim, _convert_="all"), run_dir, ckpt, evaluate, best_by)
+    loop.train(cfg, model, train_data, optimizer_factory(cfg.optim), run_dir, ckpt, evaluate, best_by)

@@ -56,3 +56,13 @@ def class_kl(fake_hist: torch.Tensor, real_hist: torch.Tensor, eps: float = 1e-1
 def class_accuracy(predicted: torch.Tensor, requested: torch.Tensor) -> float:
     """Share of a conditional model's samples that the classifier puts in the class they were drawn for."""
     return float((predicted == requested).double().mean())
+
+
+def modes_covered(points: torch.Tensor, means: torch.Tensor, std: float) -> tuple[int, float]:
+    """The mode-collapse scores of VEEGAN (Srivastava et al. 2017, Sec. 5.1) and PacGAN (Lin et al. 2018):
+    a sample is high quality when it lies within 3 standard deviations of its nearest mode, and a mode
+    is covered when it is the nearest mode of at least one high-quality sample. Returns (modes covered,
+    share of high-quality samples)."""
+    dist = torch.cdist(points.double(), means.double())
+    nearest, hq = dist.argmin(1), dist.min(1).values <= 3 * std
+    return int(nearest[hq].unique().numel()), float(hq.double().mean())

@@ -1,49 +1,109 @@
-"""The GAN family: a generator G and a discriminator D trained in two phases, D then G."""
+"""The GAN family: a generator G and a discriminator D trained in two phases, D (d_steps times) then G.
+
+The loss (models/losses.py), D's regularisers, DiffAugment, class conditioning and the EMA of G are
+chosen by the model config; the architectures are DCGAN (models/nets.py), SNGAN's ResNet
+(models/resnet.py) and an MLP for 2-D toy data.
+"""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.optim.swa_utils import AveragedModel
 
 from gentrain import GentrainError
-from gentrain.models.nets import Decoder, Encoder, dcgan_init
+from gentrain.models import augment as diffaug
+from gentrain.models import losses
+from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init
+from gentrain.models.resnet import ResNetD, ResNetG
 
-# Goodfellow et al. 2014, Eq. 1:
-#     min_G max_D  V(D, G) = E_x[log D(x)] + E_z[log(1 - D(G(z)))]
-# D outputs a logit l, D = sigmoid(l), so  -log D = softplus(-l)  and  -log(1 - D) = softplus(l);
-# softplus keeps both terms finite where sigmoid saturates.
-
-
-def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """D ascends V: minimise  -log D(x) - log(1 - D(G(z)))."""
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+ARCHS = ("dcgan", "resnet", "mlp")
+PROBABILISTIC = ("ns", "minimax")  # D's output is a logit of P(real)
 
 
-def g_loss_ns(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating G loss (Goodfellow et al. 2014, Sec. 3): maximise log D(G(z)), which gives
-    strong gradients early on, when D rejects every sample and log(1 - D(G(z))) is flat."""
-    return F.softplus(-fake_logits).mean()
+class Projection(nn.Module):
+    """D(x, y) = psi(phi(x)) + <E[y], phi(x)> (Miyato & Koyama 2018, Eq. 3): the class enters as an
+    inner product with D's features instead of being concatenated to its input."""
+
+    def __init__(self, body: nn.Module, features: int, num_classes: int):
+        super().__init__()
+        self.body, self.psi = body, nn.Linear(features, 1)
+        self.embed = nn.Embedding(num_classes, features) if num_classes else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.body(x)
+        out = self.psi(h)
+        return out if self.embed is None else out + (self.embed(y) * h).sum(1, keepdim=True)
 
 
-def g_loss_minimax(fake_logits: torch.Tensor) -> torch.Tensor:
-    """The saturating G loss of Eq. 1 itself: minimise log(1 - D(G(z)))."""
-    return -F.softplus(fake_logits).mean()
+def ema_with_warmup(decay: float):
+    """EMA of G's weights (Karras et al. 2018, Sec. 5; Yazici et al. 2019) whose decay ramps up as
+    min(decay, (1 + n) / (10 + n)) over the first updates, so early weights are not averaged in for
+    long; n counts the updates so far (AveragedModel's n_averaged, saved in the checkpoint)."""
 
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        beta = torch.clamp((1 + n) / (10 + n), max=decay).to(ema[0].dtype)
+        torch._foreach_lerp_(ema, current, 1 - beta)
 
-LOSSES = {"ns": (d_loss, g_loss_ns), "minimax": (d_loss, g_loss_minimax)}
+    return update
 
 
 class GAN(nn.Module):
-    phases = ("D", "G")
-
-    def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns"):
+    def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns",
+                 arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,
+                 gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, ema: float = 0.0,
+                 augment: list | str = (), conditional: bool = False, num_classes: int = 0):
         super().__init__()
-        if loss not in LOSSES:
-            raise GentrainError(f"model.loss={loss!r} is not a GAN loss; choose from {', '.join(LOSSES)}")
-        self.z_dim = z_dim
-        self.d_loss, self.g_loss = LOSSES[loss]
-        self.G = Decoder(z_dim, channels, image_size, ch)
-        self.D = Encoder(channels, image_size, ch, 1)
-        dcgan_init(self)
+        if arch == "auto":
+            arch = "mlp" if image_size == 0 else "dcgan"
+        check(loss=loss, arch=arch, d_steps=d_steps, d_norm=d_norm, gp=gp, clip=clip, r1=r1, r1_every=r1_every,
+              ema=ema, image_size=image_size, conditional=conditional, num_classes=num_classes)
+        self.z_dim, self.loss_name, self.points = z_dim, loss, arch == "mlp"
+        self.d_loss, self.g_loss = losses.LOSSES[loss]
+        self.gp, self.clip, self.r1, self.r1_every = gp, clip, r1, r1_every
+        self.num_classes = num_classes if conditional else 0
+        try:
+            self.augment = diffaug.parse(augment)
+        except ValueError as e:
+            raise GentrainError(f"model.augment: {e}") from None
+        if self.augment and self.points:
+            raise GentrainError("model.augment (DiffAugment) transforms images; use it with model.arch=dcgan|resnet")
+        # D's batch norm mixes examples, which a per-example gradient penalty or spectral norm's
+        # Lipschitz bound does not allow for (Gulrajani et al. 2017, Sec. 4): auto leaves it out then.
+        if d_norm == "auto":
+            d_norm = "none" if sn or loss == "wgan_gp" or r1 > 0 else "batch"
+
+        # One logit (or critic score) per example from D; G's raw output, squashed to [-1, 1] for images.
+        self.phases = ("D",) * d_steps + ("G",)
+        if arch == "dcgan":
+            self.G = Decoder(z_dim, channels, image_size, ch, num_classes=self.num_classes)
+            if self.num_classes:  # DCGAN's D with its last layer as psi and the final feature map as phi
+                body = Encoder(channels, image_size, ch, 0, norm=d_norm == "batch")
+                self.D = Projection(body, body.features, self.num_classes)
+            else:
+                self.D = Encoder(channels, image_size, ch, 1, norm=d_norm == "batch")
+            dcgan_init(self)
+        elif arch == "resnet":
+            # SNGAN's CIFAR-10 widths are 256 in G and 128 in D: ch=128 gives those.
+            self.G = ResNetG(z_dim, channels, image_size, 2 * ch, self.num_classes)
+            body = ResNetD(channels, image_size, ch)
+            self.D = Projection(body, body.out_dim, self.num_classes)
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(m.weight)  # as SNGAN's code
+                    nn.init.zeros_(m.bias)
+        else:
+            self.G = MLP(z_dim, channels, ch, depth)
+            self.D = MLP(channels, 1, ch, depth, act=lambda: nn.LeakyReLU(0.2))
+        if sn:
+            # Spectral normalisation (Miyato et al. 2018, Eq. 8): W / sigma(W) with sigma estimated by one
+            # power iteration per step, so every layer of D is 1-Lipschitz.
+            for m in list(self.D.modules()):
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                    spectral_norm(m)
+        self.ema = ema
+        self.G_ema = AveragedModel(self.G, multi_avg_fn=ema_with_warmup(ema)).requires_grad_(False) if ema else None
+        self.use_ema = bool(ema)  # sampling reads G_ema; `ema=false` at sample/eval time reads G
 
     def phase_parameters(self, phase: str):
         return {"D": self.D, "G": self.G}[phase].parameters()
@@ -51,19 +111,76 @@ class GAN(nn.Module):
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator, device=device)
 
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] for the latent codes z."""
-        return torch.tanh(self.G(z))
+    def _cond(self, y):
+        return (y,) if self.num_classes else ()
 
-    def loss(self, phase: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _generate(self, G, z, y):
+        out = G(z, *self._cond(y))
+        return out if self.points else torch.tanh(out)
+
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples for the codes z (images in [-1, 1], or points), from the EMA generator when there is
+        one. A conditional model without labels y draws the classes in turn, 0, 1, 2, ..."""
+        if self.num_classes and y is None:
+            y = torch.arange(len(z), device=z.device) % self.num_classes
+        return self._generate(self.G_ema if self.use_ema and self.G_ema is not None else self.G, z, y)
+
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
         z = self.noise(x.shape[0], device=x.device)
+        cond = self._cond(y)
+        aug = lambda images: diffaug.diff_augment(images, self.augment)
         if phase == "D":
             with torch.no_grad():
-                fake = self.sample(z)
-            real_logits, fake_logits = self.D(x).float(), self.D(fake).float()
-            loss = self.d_loss(real_logits, fake_logits)
-            # D(x) and D(G(z)) as probabilities: the usual first look at whether D is winning.
-            return loss, {"D/loss": loss.detach(), "D(x)": torch.sigmoid(real_logits).mean().detach(),
-                          "D(G(z))": torch.sigmoid(fake_logits).mean().detach()}
-        loss = self.g_loss(self.D(self.sample(z)).float())
+                fake = self._generate(self.G, z, y)
+            real_in, fake_in = aug(x), aug(fake)
+            real, fake_out = self.D(real_in, *cond).float(), self.D(fake_in, *cond).float()
+            loss = self.d_loss(real, fake_out)
+            if self.loss_name in PROBABILISTIC:  # D(x) and D(G(z)) as probabilities: is D winning?
+                stats = {"D(x)": torch.sigmoid(real).mean(), "D(G(z))": torch.sigmoid(fake_out).mean()}
+            else:
+                stats = {"D/real": real.mean(), "D/fake": fake_out.mean()}
+            if self.loss_name == "wgan_gp":
+                gp = losses.gradient_penalty(self.D, real_in, fake_in, *cond)
+                loss = loss + self.gp * gp
+                stats["D/gp"] = gp
+            if self.r1 and step % self.r1_every == 0:
+                # Lazy regularisation (Karras et al. 2020, Sec. 3.1): the penalty every r1_every steps,
+                # scaled by r1_every so its average weight is unchanged.
+                r1 = losses.r1_penalty(self.D, real_in, *cond)
+                loss = loss + 0.5 * self.r1 * self.r1_every * r1
+                stats["D/r1"] = r1
+            return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
+        loss = self.g_loss(self.D(aug(self._generate(self.G, z, y)), *cond).float())
         return loss, {"G/loss": loss.detach()}
+
+    @torch.no_grad()
+    def after_step(self, phase: str, step: int) -> None:
+        """After an optimizer step: WGAN's weight clipping to [-c, c] (Arjovsky et al. 2017, Alg. 1), and
+        the EMA update of G."""
+        if phase == "D" and self.loss_name == "wgan":
+            for p in self.D.parameters():
+                p.clamp_(-self.clip, self.clip)
+        if phase == "G" and self.G_ema is not None:
+            self.G_ema.update_parameters(self.G)
+
+
+def check(*, loss, arch, d_steps, d_norm, gp, clip, r1, r1_every, ema, image_size, conditional, num_classes):
+    """The GAN settings as one clear line each when wrong."""
+    if loss not in losses.LOSSES:
+        raise GentrainError(f"model.loss={loss!r} is not a GAN loss; choose from {', '.join(losses.LOSSES)}")
+    if arch not in ARCHS:
+        raise GentrainError(f"model.arch={arch!r} is unknown; choose from {', '.join(ARCHS)}")
+    if (arch == "mlp") != (image_size == 0):
+        raise GentrainError("model.arch=mlp is for 2-D points (dataset=ring8|grid25); images need model.arch=dcgan|resnet"
+                            if arch == "mlp" else f"model.arch={arch} needs images; 2-D points need model.arch=mlp")
+    if isinstance(d_steps, bool) or not isinstance(d_steps, int) or d_steps < 1:
+        raise GentrainError(f"model.d_steps must be a positive integer, got {d_steps!r}")
+    if isinstance(r1_every, bool) or not isinstance(r1_every, int) or r1_every < 1:
+        raise GentrainError(f"model.r1_every must be a positive integer, got {r1_every!r}")
+    if d_norm not in ("auto", "batch", "none"):
+        raise GentrainError(f"model.d_norm must be auto, batch or none, got {d_norm!r}")
+    if not (gp >= 0 and r1 >= 0 and clip > 0 and 0 <= ema < 1):
+        raise GentrainError(f"need model.gp >= 0, model.r1 >= 0, model.clip > 0 and 0 <= model.ema < 1; "
+                            f"got gp={gp}, r1={r1}, clip={clip}, ema={ema}")
+    if conditional and not num_classes:
+        raise GentrainError("model.conditional=true needs a labelled dataset (mnist, fashion_mnist, cifar10)")

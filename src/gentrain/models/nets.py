@@ -21,26 +21,34 @@ def plan(image_size: int) -> tuple[int, int]:
 
 
 class Decoder(nn.Module):
-    """z (N, z_dim) -> image-shaped output (N, channels, size, size), before any output activation."""
+    """z (N, z_dim) -> image-shaped output (N, channels, size, size), before any output activation.
 
-    def __init__(self, z_dim: int, channels: int, image_size: int, ch: int, norm: bool = True):
+    With num_classes, a learned class embedding is concatenated to z (the conditional GAN of
+    Mirza & Osindero 2014), and forward takes the labels y."""
+
+    def __init__(self, z_dim: int, channels: int, image_size: int, ch: int, norm: bool = True, num_classes: int = 0):
         super().__init__()
         base, n_up = plan(image_size)
         width = ch * 2 ** (n_up - 1)
         Norm = nn.BatchNorm2d if norm else (lambda c: nn.Identity())
-        layers = [nn.ConvTranspose2d(z_dim, width, base, 1, 0, bias=not norm), Norm(width), nn.ReLU(True)]
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        z_in = 2 * z_dim if num_classes else z_dim
+        layers = [nn.ConvTranspose2d(z_in, width, base, 1, 0, bias=not norm), Norm(width), nn.ReLU(True)]
         for _ in range(n_up - 1):
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=not norm), Norm(width // 2), nn.ReLU(True)]
             width //= 2
         layers.append(nn.ConvTranspose2d(width, channels, 4, 2, 1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)], 1)
         return self.net(z[:, :, None, None])
 
 
 class Encoder(nn.Module):
-    """image (N, channels, size, size) -> (N, out_dim). No norm on the first layer, as in DCGAN's D."""
+    """image (N, channels, size, size) -> (N, out_dim). No norm on the first layer, as in DCGAN's D.
+    out_dim=0 leaves out the last layer: the flattened final feature map, for a projection head."""
 
     def __init__(self, channels: int, image_size: int, ch: int, out_dim: int, norm: bool = True):
         super().__init__()
@@ -52,7 +60,9 @@ class Encoder(nn.Module):
             layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=not norm), Norm(width * 2), nn.LeakyReLU(0.2, True)]
             width *= 2
         # A base x base "valid" convolution reads the whole final feature map, as DCGAN's last D layer.
-        layers.append(nn.Conv2d(width, out_dim, base, 1, 0))
+        if out_dim:
+            layers.append(nn.Conv2d(width, out_dim, base, 1, 0))
+        self.features = width * base * base
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,3 +79,19 @@ def dcgan_init(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+
+
+class MLP(nn.Module):
+    """in_dim -> [Linear, activation] x depth -> out_dim: G and D for 2-D toy data (ring8, grid25)."""
+
+    def __init__(self, in_dim: int, out_dim: int, width: int, depth: int, act: type = nn.ReLU):
+        super().__init__()
+        layers, d = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), act()]
+            d = width
+        layers.append(nn.Linear(d, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

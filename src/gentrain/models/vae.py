@@ -91,7 +91,8 @@ class VAE(nn.Module):
             out.append(log_px + log_pz - log_qz)
         return torch.cat(out, 1)
 
-    def loss(self, phase: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
+             step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # ELBO (Kingma & Welling 2014, Eq. 10) with the KL weighted by beta (Higgins et al. 2017, Eq. 4):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)
         # The expectation is estimated with one reparameterised sample z = mu + sigma * eps.

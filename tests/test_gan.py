@@ -1,0 +1,138 @@
+"""The GAN family's options: EMA, clipping, spectral norm, lazy R1, d_steps, TTUR, conditioning."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gentrain import GentrainError
+from gentrain.models import build, grid_codes
+from gentrain.train import optimizer_factory
+
+
+def gan(size=28, channels=1, classes=0, **cfg):
+    return build({"family": "gan", "z_dim": 8, "ch": 8, **cfg}, channels, size, classes)
+
+
+def test_ema_follows_its_warmup_schedule():
+    torch.manual_seed(0)
+    model = gan(ema=0.9)
+    w = lambda m: m.net[0].weight
+    history = []
+    for step in range(4):
+        with torch.no_grad():
+            w(model.G).add_(1.0)  # stands in for an optimizer step
+        history.append(w(model.G).clone())
+        model.after_step("G", step)
+    # update 0 copies G; update n >= 1 uses beta_n = min(0.9, (1 + n) / (10 + n))
+    expected = history[0]
+    for n in (1, 2, 3):
+        beta = min(0.9, (1 + n) / (10 + n))
+        expected = beta * expected + (1 - beta) * history[n]
+    assert torch.allclose(w(model.G_ema.module), expected, atol=1e-6)
+    # sampling reads the EMA weights unless told otherwise
+    z = model.noise(3)
+    model.eval()
+    assert torch.allclose(model.sample(z), torch.tanh(model.G_ema.module(z)))
+    model.use_ema = False
+    assert torch.allclose(model.sample(z), torch.tanh(model.G(z)))
+
+
+def test_wgan_clips_d_after_its_step_only():
+    model = gan(loss="wgan", clip=0.01)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    model.after_step("G", 0)
+    assert all((p == 0.5).all() for p in model.D.parameters())
+    model.after_step("D", 0)
+    assert all(p.abs().max() <= 0.01 for p in model.D.parameters())
+    assert all((p == 0.5).all() for p in model.G.parameters())
+
+
+def test_spectral_norm_bounds_every_d_layer():
+    torch.manual_seed(0)
+    model = gan(sn=True)
+    model.train()
+    x = torch.randn(4, 1, 28, 28)
+    for _ in range(30):  # one power iteration per forward pass
+        model.D(x)
+    convs = [m for m in model.D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.D.modules())  # d_norm=auto
+    for m in convs:
+        sigma = torch.linalg.matrix_norm(m.weight.flatten(1), ord=2)
+        assert abs(sigma.item() - 1) < 0.05
+
+
+def test_d_norm_auto_keeps_batch_norm_only_without_penalties():
+    has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm2d) for x in m.D.modules())
+    assert has_bn(gan()) and has_bn(gan(loss="hinge"))
+    assert not has_bn(gan(loss="wgan_gp")) and not has_bn(gan(r1=1.0)) and not has_bn(gan(sn=True))
+    assert has_bn(gan(loss="wgan_gp", d_norm="batch"))
+
+
+def test_lazy_r1_runs_every_k_steps_scaled_by_k():
+    torch.manual_seed(0)
+    model = gan(r1=2.0, r1_every=4, d_norm="none")
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.manual_seed(1)
+    plain, stats_off = model.loss("D", x, None, step=3)
+    torch.manual_seed(1)
+    with_r1, stats_on = model.loss("D", x, None, step=4)
+    assert "D/r1" not in stats_off and "D/r1" in stats_on
+    # gamma / 2 * k * R1 on top of the same adversarial loss
+    assert torch.allclose(with_r1, plain + 0.5 * 2.0 * 4 * stats_on["D/r1"], rtol=1e-5)
+
+
+def test_d_steps_repeat_the_d_phase():
+    assert gan(d_steps=5).phases == ("D",) * 5 + ("G",)
+
+
+def test_ttur_gives_each_phase_its_learning_rate():
+    make = optimizer_factory(OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-4,
+                                               "betas": [0.0, 0.9], "lr_D": 4e-4, "lr_G": None}))
+    model = gan()
+    d, g = make("D", model.D.parameters()), make("G", model.G.parameters())
+    assert d.param_groups[0]["lr"] == 4e-4 and g.param_groups[0]["lr"] == 2e-4
+    assert d.param_groups[0]["betas"] == (0.0, 0.9)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_conditional_models_follow_their_labels(arch):
+    torch.manual_seed(0)
+    model = gan(size=32, channels=3, classes=10, arch=arch, conditional=True).eval()
+    for m in model.modules():  # conditional batch norm starts as plain batch norm: make the classes differ
+        if isinstance(m, torch.nn.Embedding):
+            torch.nn.init.normal_(m.weight)
+    z = model.noise(1).repeat(4, 1)
+    out = model.sample(z, torch.tensor([3, 3, 7, 7]))
+    assert torch.allclose(out[0], out[1]) and not torch.allclose(out[0], out[2])  # same z, other class
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    scores = model.D(x, torch.tensor([1, 2, 3, 4]))
+    assert scores.shape == (4, 1) and not torch.allclose(scores, model.D(x, torch.tensor([5, 6, 7, 8])))
+    for phase in model.phases:
+        loss, _ = model.loss(phase, x, torch.tensor([0, 1, 2, 3]))
+        assert torch.isfinite(loss)
+
+
+def test_grid_codes_lay_out_one_class_per_row():
+    model = gan(classes=10, conditional=True)
+    z, y, nrow = grid_codes(model, 64, torch.Generator().manual_seed(0))
+    assert nrow == 6 and len(z) == 60 and y.tolist() == [c for c in range(10) for _ in range(6)]
+    z, y, nrow = grid_codes(model, 16, label=3)
+    assert (y == 3).all() and len(z) == 16
+    z, y, nrow = grid_codes(gan(), 16)
+    assert y is None and nrow is None and len(z) == 16
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"loss": "hinge2"}, "model.loss='hinge2'"),
+    ({"arch": "vit"}, "model.arch='vit'"),
+    ({"arch": "mlp"}, "model.arch=mlp is for 2-D points"),
+    ({"d_steps": 0}, "model.d_steps must be a positive integer"),
+    ({"ema": 1.0}, "0 <= model.ema < 1"),
+    ({"augment": "color,flip"}, "model.augment: 'flip' is not a DiffAugment transform"),
+    ({"conditional": True}, "model.conditional=true needs a labelled dataset"),
+])
+def test_bad_gan_settings_are_user_errors(cfg, message):
+    with pytest.raises(GentrainError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        gan(**cfg)
