@@ -22,19 +22,21 @@ from pathlib import Path
 
 # Row name -> overrides on top of experiment=toy (gentrain's best default for the toy data).
 ROWS = {
-    "plain": ["model.loss=ns", "model.r1=0", "model.ema=0", "optim.betas=[0.5,0.999]"],
+    "plain": ["model.r1=0", "model.ema=0", "optim.lr=2e-4", "optim.betas=[0.5,0.999]"],
     "wgan_gp": ["model.loss=wgan_gp", "model.r1=0", "model.ema=0", "model.d_steps=5", "optim.lr=1e-4",
                 "optim.betas=[0.0,0.9]"],
     "hinge_sn": ["model.loss=hinge", "model.sn=true", "model.r1=0", "model.ema=0"],
     "ns_r1": ["model.ema=0"],
+    "ns_ema": ["model.r1=0"],
     "best": [],
 }
 DESCRIPTION = {
-    "plain": "non-saturating GAN, Adam(1e-3, betas 0.5/0.999)",
+    "plain": "plain GAN: non-saturating loss, gentrain's GAN optimizer Adam(2e-4, betas 0.5/0.999)",
     "wgan_gp": "WGAN-GP, 5 critic steps, Adam(1e-4, betas 0/0.9)",
-    "hinge_sn": "hinge + spectral norm",
-    "ns_r1": "non-saturating + R1",
-    "best": "non-saturating + R1 + EMA (experiment=toy)",
+    "hinge_sn": "hinge loss + spectral norm",
+    "ns_r1": "non-saturating + R1 (gamma 0.1)",
+    "ns_ema": "non-saturating + EMA of G (0.999)",
+    "best": "**non-saturating + R1 + EMA: `experiment=toy`**",
 }
 # VEEGAN (Srivastava et al. 2017, Table 1) and PacGAN (Lin et al. 2018, Table 2): modes, % high quality.
 PUBLISHED = [("GAN (VEEGAN paper)", "1 / 99.3%", "3.3 / 0.5%"),
