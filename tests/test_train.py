@@ -152,3 +152,14 @@ def test_cuda_bf16_training_runs(gentrain, tmp_path):
     gentrain("model=gan", *FAST, "trainer.steps=4", "trainer.device=cuda", "trainer.precision=bf16",
              f"hydra.run.dir={run}")
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_max_minutes_ends_the_run_as_its_last_step_would(gentrain, tmp_path):
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "trainer.steps=1000", "trainer.max_minutes=0.0001", f"hydra.run.dir={run}")
+    assert "trainer.max_minutes=0.0001 reached at step 1" in (run / "train.log").read_text()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert [r["step"] for r in metrics(run)] == [1] and (run / "samples" / "step_0000001.png").is_file()
+    gentrain(f"resume={run}", "trainer.max_minutes=null", "trainer.steps=4")
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert_one_line_error(gentrain("trainer.max_minutes=0", check=False), "trainer.max_minutes must be a positive number")

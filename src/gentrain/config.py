@@ -53,6 +53,8 @@ def check_train(cfg: DictConfig) -> None:
                                 f"per-phase learning rates are {', '.join('optim.lr_' + p for p in phases)}")
         if cfg.optim[key] is not None:
             _positive(cfg, f"optim.{key}", integer=False)
+    if cfg.trainer.get("max_minutes") is not None:
+        _positive(cfg, "trainer.max_minutes", integer=False)
     every = cfg.trainer.eval_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise GentrainError(f"trainer.eval_every must be 0 (off) or a positive integer, got {every!r}")

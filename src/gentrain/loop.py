@@ -212,13 +212,18 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                     counts[k] = counts.get(k, 0) + 1
             step += 1
             bar.update(1)
+            # trainer.max_minutes: the run ends here, as at its last step, once its training time is up
+            # (across resumes), so runs can be compared at equal wall time or fit a job's time limit.
+            timed_out = t.max_minutes is not None and seconds + time.perf_counter() - t0 >= 60 * t.max_minutes
+            last = step == t.steps or timed_out
 
-            if step % t.log_every == 0 or step == t.steps:
+            if step % t.log_every == 0 or last:
                 check_finite(step)
-                values = dict(zip(sums, (torch.stack(list(sums.values())).cpu() / torch.tensor(
-                    [counts[k] for k in sums], dtype=torch.float32)).tolist()))
+                totals = torch.stack(list(sums.values())).tolist()  # one host sync for all of them
+                values = {k: total / counts[k] for k, total in zip(sums, totals)}
                 now = time.perf_counter()
-                record = {"step": step, **values, "img_per_s": (step - tick_step) * t.batch_size / (now - tick),
+                images = (step - tick_step) * t.batch_size * draws  # real images consumed
+                record = {"step": step, **values, "img_per_s": images / (now - tick),
                           "seconds": seconds + now - t0}
                 write_metrics(record)
                 shown |= {k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{record['img_per_s']:.0f}"}
@@ -228,14 +233,14 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
                     sums, counts, logged_at, tick, tick_step = {}, {}, step, now, step
 
-            if is_main and (step % t.sample_every == 0 or step == t.steps):
+            if is_main and (step % t.sample_every == 0 or last):
                 check_finite(step)
                 model.eval()
                 with torch.no_grad():
                     save_grid(model.sample(*fixed), sample_dir / f"step_{step:07d}.png", nrow, reference)
                 model.train()
 
-            if evaluate is not None and (step % t.eval_every == 0 or step == t.steps):
+            if evaluate is not None and (step % t.eval_every == 0 or last):
                 check_finite(step)
                 started = time.perf_counter()
                 model.eval()
@@ -254,13 +259,17 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                     write_checkpoint(step, keep=False, path=ckpt_dir / "best.pt")
                     log.info("new best %s %.4g: %s", name, value, ckpt_dir / "best.pt")
 
-            if step % t.ckpt_every == 0 or step == t.steps:
+            if step % t.ckpt_every == 0 or last:
                 write_checkpoint(step, keep=step % t.ckpt_every == 0)
 
             if stop.requested:
                 write_checkpoint(step, keep=False)
                 raise Interrupted(f"interrupted at step {step}; checkpoint written to {ckpt_dir / 'last.pt'}; "
                                   f"continue with: gentrain resume={run_dir}")
+            if timed_out:
+                log.info("trainer.max_minutes=%g reached at step %d; continue with: gentrain resume=%s "
+                         "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
+                break
     bar.close()
     log.info("done: %d steps; checkpoint %s, samples in %s", step, ckpt_dir / "last.pt", sample_dir)
 
