@@ -73,8 +73,8 @@ class GAN(nn.Module):
         if d_norm == "auto":
             d_norm = "none" if sn or loss == "wgan_gp" or r1 > 0 else "batch"
 
-        # One logit (or critic score) per example from D; G's raw output, squashed to [-1, 1] for images.
-        self.phases = ("D",) * d_steps + ("G",)
+        self.phases = ("D",) * d_steps + ("G",)  # the runs of one training step: a step is one G update
+        # D gives one logit (or critic score) per example; G's raw output is squashed to [-1, 1] for images.
         if arch == "dcgan":
             self.G = Decoder(z_dim, channels, image_size, ch, num_classes=self.num_classes)
             if self.num_classes:  # DCGAN's D with its last layer as psi and the final feature map as phi
