@@ -50,14 +50,18 @@ def test_eval_writes_every_requested_key_and_repeats_exactly(gentrain, metrics_c
     assert json.loads((tmp_path / "seed1.json").read_text())["metrics"] != result["metrics"]
 
 
-def test_eval_of_a_conditional_gan_scores_its_class_accuracy(gentrain, metrics_cache, tmp_path):
+def test_a_conditional_gan_learns_its_classes_without_dropping_z(gentrain, metrics_cache, tmp_path):
+    """600 steps on MNIST: most samples are the class they were drawn for (class_acc), and within a class
+    they still vary with z (recall well above 0; a G that ignores z scores 0 here)."""
+    cache, classifier = metrics_cache
+    classifier("mnist")
     run = tmp_path / "cond"
-    gentrain("model.conditional=true", "trainer.steps=4", *FAST, f"hydra.run.dir={run}")
-    evaluate(gentrain, metrics_cache, run, "metrics=[classes]")
+    gentrain("model.conditional=true", "trainer.steps=600", "trainer.batch_size=64", "model.ch=32",
+             "trainer.log_every=600", "trainer.sample_every=600", "trainer.device=cpu", f"hydra.run.dir={run}")
+    gentrain("eval", f"ckpt={run}", "n=1000", "device=cpu", f"metrics.cache_dir={cache}", "metrics=[classes,pr]")
     m = json.loads((run / "checkpoints" / "eval.json").read_text())["metrics"]
-    # the share of samples the classifier puts in the class they were drawn for
-    assert set(m) == {"classes@classifier", "class_kl@classifier", "class_acc@classifier"}
-    assert 0 <= m["class_acc@classifier"] <= 1
+    assert {"classes@classifier", "class_kl@classifier", "class_acc@classifier"} <= set(m)
+    assert m["class_acc@classifier"] > 0.5 and m["recall@classifier"] > 0.2, m
 
 
 def test_eval_of_a_vae_reports_elbo_and_nll_in_nats_and_bits(gentrain, metrics_cache, runs, tmp_path):

@@ -28,6 +28,10 @@ class Projection(nn.Module):
         super().__init__()
         self.body, self.psi = body, nn.Linear(features, 1)
         self.embed = nn.Embedding(num_classes, features) if num_classes else None
+        if self.embed is not None:
+            # psi's scale, 1/sqrt(features): Embedding's N(0, 1) would make <E[y], phi(x)> sqrt(features)
+            # times larger than the rest of D's output and saturate the loss from the first step.
+            nn.init.normal_(self.embed.weight, 0.0, features ** -0.5)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(x)

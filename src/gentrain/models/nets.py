@@ -32,6 +32,10 @@ class Decoder(nn.Module):
         width = ch * 2 ** (n_up - 1)
         Norm = nn.BatchNorm2d if norm else (lambda c: nn.Identity())
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        if self.embed is not None:
+            # The class code starts small beside z (std 0.1 against 1), so G learns to use z before the
+            # label can stand in for it: with N(0, 1) codes G ignored z on MNIST (recall 0 at 1,500 steps).
+            nn.init.normal_(self.embed.weight, 0.0, 0.1)
         z_in = 2 * z_dim if num_classes else z_dim
         layers = [nn.ConvTranspose2d(z_in, width, base, 1, 0, bias=not norm), Norm(width), nn.ReLU(True)]
         for _ in range(n_up - 1):
