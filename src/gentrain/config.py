@@ -67,7 +67,7 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.dataset.name in TOY:
         if cfg.model.family != "gan" or cfg.model.get("arch") not in ("auto", "mlp"):
             raise GentrainError(f"dataset={cfg.dataset.name} holds 2-D points: train it with model=gan and "
-                                f"model.arch=auto or mlp (or experiment=toy_{cfg.dataset.name})")
+                                f"model.arch=auto or mlp (or experiment=toy dataset={cfg.dataset.name})")
     elif cfg.dataset.image_size not in PLANS:
         raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, "
                             f"got {cfg.dataset.image_size!r}")

@@ -29,8 +29,6 @@ TORCHVISION = {
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-
-
 def toy_modes(name: str) -> tuple[torch.Tensor, float]:
     """The mixture components of a 2-D toy dataset: the means (M, 2) and the per-coordinate std.
 

@@ -53,7 +53,7 @@ def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500):
     """n samples on the CPU from seeded noise (the same seed gives the same samples): uint8 images, or
     a toy model's points; and the classes they were drawn for (each in turn), None if unconditional."""
     z = model.noise(n, generator=torch.Generator().manual_seed(seed))
-    y = torch.arange(n) % model.num_classes if getattr(model, "num_classes", 0) else None
+    y = torch.arange(n) % model.num_classes if model.num_classes else None
     samples = generate(model, z, device, batch_size, y)
     return (samples if samples.ndim == 2 else data.to_uint8(samples)), y
 

@@ -138,7 +138,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         sample_dir.mkdir(parents=True, exist_ok=True)
         if step == 0:
-            save_grid(data.images[:t.n_samples] if data.points else batches(0)[0][:t.n_samples], run_dir / "reals.png")
+            save_grid(reference if data.points else batches(0)[0][:t.n_samples], run_dir / "reals.png")
         _truncate_metrics(run_dir / "metrics.jsonl", logged_at, step)
 
     # The first step whose loss was not finite, kept on the device: checking it costs a host sync,

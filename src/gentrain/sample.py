@@ -57,7 +57,7 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
     g = torch.Generator().manual_seed(cfg.seed)
     label = cfg.get("class")
     if label is not None:
-        classes = getattr(model, "num_classes", 0)
+        classes = model.num_classes
         if not classes:
             raise GentrainError(f"class={label} needs a conditional model (model.conditional=true); this one is not")
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
@@ -70,7 +70,7 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
         a, b = model.noise(rows, generator=g)[:, None], model.noise(rows, generator=g)[:, None]
         z = slerp(a, b, torch.linspace(0, 1, STEPS)[None, :, None]).reshape(rows * STEPS, -1)
         y = None
-        if getattr(model, "num_classes", 0):  # one class along each row
+        if model.num_classes:  # one class along each row
             y = torch.full((rows,), label) if label is not None else torch.arange(rows) % model.num_classes
             y = y.repeat_interleave(STEPS)
         return generate(model, z, device, cfg.batch_size, y), STEPS

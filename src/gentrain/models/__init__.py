@@ -32,7 +32,7 @@ def build(model_cfg: dict, channels: int, image_size: int, num_classes: int = 0)
 def grid_codes(model, n: int, generator: torch.Generator | None = None, label: int | None = None):
     """Latents for a sample grid, with their class labels and row length: a conditional model gets one
     class per row (or every image of class `label`); an unconditional one about a square grid."""
-    classes = getattr(model, "num_classes", 0)
+    classes = model.num_classes
     if not classes:
         return model.noise(n, generator=generator), None, None
     if label is not None:

@@ -105,7 +105,6 @@ class GAN(nn.Module):
             for m in list(self.D.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
                     spectral_norm(m)
-        self.ema = ema
         self.G_ema = AveragedModel(self.G, multi_avg_fn=ema_with_warmup(ema)).requires_grad_(False) if ema else None
         self.use_ema = bool(ema)  # sampling reads G_ema; `ema=false` at sample/eval time reads G
 

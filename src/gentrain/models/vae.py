@@ -34,6 +34,7 @@ def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 class VAE(nn.Module):
     phases = ("vae",)
+    num_classes = 0  # unconditional
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 16, ch: int = 64, beta: float = 1.0,
                  likelihood: str = "bernoulli", sigma: float = 0.1):
