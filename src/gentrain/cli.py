@@ -10,6 +10,7 @@ Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job`
 """
 
 import functools
+import os
 import sys
 
 from gentrain import GentrainError
@@ -43,6 +44,12 @@ def reported(task):
             fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
         except KeyboardInterrupt:  # before the loop took over Ctrl-C (loading data), or a second Ctrl-C
             fail("interrupted (checkpoints already written are intact)", 130)
+        except RuntimeError as e:
+            from gentrain import dist
+
+            if dist.peer_lost(e):  # another torchrun worker stopped first and said why; nothing to add
+                sys.exit(1)
+            raise
 
     return wrapper
 
@@ -52,7 +59,9 @@ def _one_line(e: Exception) -> str:
 
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, choice = e.missing_cfg_file.rpartition("/")
-        return f"{group}={choice} is not an option; choose from {', '.join(sorted(e.options))}"
+        plugins = ' (Hydra\'s launcher and sweeper plugins: pip install "gentrain[cluster]")' \
+            if group in ("hydra/launcher", "hydra/sweeper") else ""
+        return f"{group}={choice} is not an option; choose from {', '.join(sorted(e.options))}{plugins}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     cause = e.__cause__
     if cause is not None and str(cause).strip():
@@ -75,16 +84,29 @@ def check_overrides(verb: str, args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
+        # Continuous ranges (interval(...), tag(log, ...)) are for a sweeper such as Optuna to pick from:
+        # the jobs checked here take every discrete choice and the base value of those keys.
+        parsed = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=verb):
-            for job in jobs:
-                cfg = compose(verb, overrides=job)
+            for i, job in enumerate(jobs):
+                cfg = compose(verb, overrides=job, return_hydra_config=i == 0)
+                if i == 0 and multirun:
+                    _check_launcher(str(cfg.hydra.launcher.get("_target_", "")))
                 if verb == "train" and not cfg.resume:
                     check_train(cfg)
     except GentrainError as e:
         fail(str(e))
     except Exception as e:  # Hydra's composition and parse errors
         fail(_one_line(e))
+
+
+def _check_launcher(target: str) -> None:
+    import shutil
+
+    if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        raise GentrainError("hydra/launcher=slurm submits jobs with SLURM's sbatch, which is not on this "
+                            "machine's PATH; run the command on the cluster's login node")
 
 
 def _resume_dir(args: list[str]) -> str | None:
@@ -102,9 +124,13 @@ def _resume_dir(args: list[str]) -> str | None:
                 fail(str(e))
             if any(b.startswith("hydra.run.dir=") for b in args):
                 return None
-            # quoted, so that a path with spaces, commas or '=' stays one Hydra value
-            return "'" + run.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            return quote(run)
     return None
+
+
+def quote(value: str) -> str:
+    """A path as one Hydra override value, whatever spaces, commas or '=' it holds."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _metrics_list(args: list[str]) -> list[str]:
@@ -123,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     check_overrides(verb, args)
     if verb == "train" and "-m" not in args and "--multirun" not in args and (run := _resume_dir(args)):
         args += [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
+    if int(os.environ.get("RANK", "0")) > 0:
+        # torchrun's other workers: rank 0 picks the run folder and writes every file (gentrain.dist)
+        args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                 *([] if any(a.startswith("hydra.run.dir=") for a in args) else ["hydra.run.dir=."])]
     sys.argv = [f"gentrain {verb}" if verb != "train" else "gentrain", *args]
     if verb == "sample":
         from gentrain.sample import main as task

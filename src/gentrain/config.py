@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import GentrainError
+from gentrain import GentrainError, dist
 from gentrain.data import TORCHVISION, TOY
 from gentrain.loop import pick_device, pick_precision
 from gentrain.models.nets import PLANS
@@ -73,6 +74,17 @@ def check_train(cfg: DictConfig) -> None:
                             f"got {cfg.dataset.image_size!r}")
     device = pick_device(cfg.trainer.device)  # also: cuda asked for where torch sees none
     pick_precision(cfg.trainer.precision, device)
+    _positive(cfg, "trainer.devices")
+    processes = max(cfg.trainer.devices, dist.world_size())
+    if cfg.trainer.batch_size % processes:
+        raise GentrainError(f"trainer.batch_size={cfg.trainer.batch_size} must split evenly over {processes} "
+                            f"processes (it is the global batch)")
+    if cfg.trainer.sync_bn and processes > 1 and device.type != "cuda":
+        raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                            "on CPU each process normalises its own rows")
+    if cfg.trainer.devices > 1 and device.type == "cuda" and cfg.trainer.devices > torch.cuda.device_count():
+        raise GentrainError(f"trainer.devices={cfg.trainer.devices} but torch sees "
+                            f"{torch.cuda.device_count()} GPU(s)")
     target = str(cfg.optim.get("_target_", ""))
     if not target.startswith("torch.optim."):
         # The optimizer is built with hydra.utils.instantiate, also when resuming from a

@@ -13,7 +13,7 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from gentrain import GentrainError
+from gentrain import GentrainError, dist
 
 log = logging.getLogger("gentrain")
 
@@ -166,7 +166,8 @@ class Batches:
     Batch `step` is a pure function of (seed, step), so a resumed run draws exactly the batches the
     uninterrupted run would have. The uint8 images sit on the training device when they fit, so a
     batch costs one gather and one conversion, and no loader workers. A batch is (x, y): images in
-    [-1, 1] (or points) and their labels, None for unlabelled data.
+    [-1, 1] (or points) and their labels, None for unlabelled data. Under torchrun, batch_size is the
+    global batch and each rank gets its own rows of it (gentrain.dist).
     """
 
     def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
@@ -177,6 +178,7 @@ class Batches:
         self.images = data.images.to(device) if on_device else data.images.pin_memory()
         self.labels = None if data.labels is None else data.labels.to(self.images.device)
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.rows = dist.local_rows(batch_size)
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
 
@@ -185,7 +187,7 @@ class Batches:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rows]
         x = self.images[idx].to(self.device, non_blocking=True)
         y = None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
         return (to_signed(x) if x.dtype == torch.uint8 else x), y

@@ -3,14 +3,15 @@
 It owns devices, mixed precision, optimizer steps, logging, sample grids and checkpoints. A family
 supplies `phases` and `loss(phase, x, y, step)` (GAN: "D" d_steps times, then "G"; VAE: "vae"); the
 loop runs each phase with its own optimizer, calls the model's `after_step(phase, step)` hook if it
-has one (WGAN clipping, EMA), and knows nothing else about the model.
+has one (WGAN clipping, EMA), and knows nothing else about the model. Under torchrun each rank runs
+this same loop on its rows of every batch, with gradients averaged before each step (gentrain.dist).
 """
 
 import json
 import logging
 import math
-import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gentrain import GentrainError, Interrupted, checkpoint
+from gentrain import GentrainError, Interrupted, checkpoint, dist
 from gentrain.data import Batches, ImageData
 from gentrain.models import grid_codes
 
@@ -62,18 +63,37 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, referen
 
 
 class _StopOnSignal:
-    """Ctrl-C / SIGTERM set a flag the loop reads between steps, so the checkpoint it then writes is
-    taken at a step boundary; a second Ctrl-C falls back to Python's default and stops at once."""
+    """Ctrl-C / SIGTERM, and the preemption signals USR1 / USR2 of a cluster scheduler, set a flag the
+    loop reads between steps, so the checkpoint it then writes is taken at a step boundary; a second
+    signal falls back to the handler before (Python's default: stop at once).
+
+    SLURM (through submitit) sends USR2 before a job's time limit or preemption; the checkpoint is then
+    marked `preempted`, so the requeued job resumes it by itself, and submitit's own handler, called
+    afterwards, requeues the job."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    PREEMPT = (signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self._old = False, None, {}
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
 
+    @property
+    def preempted(self) -> bool:
+        return self.signum in self.PREEMPT
+
+    def hand_over(self) -> None:
+        """After the checkpoint: a preemption signal goes on to the handler that was there before
+        (submitit's requeue), if there was one."""
+        old = self._old.get(self.signum)
+        if self.preempted and callable(old):
+            old(self.signum, None)
+
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in self.SIGNALS:
             self._old[s] = signal.signal(s, self._handler)
         return self
 
@@ -82,22 +102,25 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, ckpt: dict | None = None,
-          evaluate=None, best_by: tuple[str, bool] | None = None):
-    """Train `model` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt` resumes.
+def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, device: torch.device,
+          ckpt: dict | None = None, evaluate=None, best_by: tuple[str, bool] | None = None):
+    """Train `model` on `device` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt`
+    resumes.
 
     `evaluate(model) -> {name: score}` runs every trainer.eval_every steps; the checkpoint with the
-    best score `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt.
+    best score `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt. Under torchrun
+    only rank 0 writes files and evaluates.
     """
     t = cfg.trainer
-    device = pick_device(t.device)
     amp_dtype = pick_precision(t.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True         # fixed shapes: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    is_main = int(os.environ.get("RANK", "0")) == 0   # only rank 0 writes files
+    is_main = dist.rank() == 0  # only rank 0 writes files
 
+    if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device).train()
     phases = dict.fromkeys(model.phases)  # each phase once, in order: one optimizer each
     optimizers = {p: make_optimizer(p, model.phase_parameters(p)) for p in phases}
@@ -124,8 +147,9 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         counts = ckpt["log"].get("counts", {k: step - logged_at for k in sums})  # older runs: one per step
         best = ckpt.get("best")
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:  # the training GPU's state; all ranks share it
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+    dist.broadcast_(model)
 
     batches = Batches(data, t.batch_size, cfg.seed, device)
     # One fixed noise batch for every sample grid, so grids over training show the same latents
@@ -146,20 +170,19 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     bad_step = torch.tensor(-1, device=device)
 
     def check_finite(done: int) -> None:
-        bad = int(bad_step)
+        bad = int(dist.maximum(bad_step))  # every rank sees the same answer
         if bad >= 0:
             last = ckpt_dir / "last.pt"
             kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
-            raise GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
-                                f"({kept}); lower optim.lr or use trainer.precision=fp32")
+            stop_all(GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
+                                f"({kept}); lower optim.lr or use trainer.precision=fp32"))
 
     def write_metrics(record: dict) -> None:
         if is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def write_checkpoint(done: int, keep: bool, path: Path | None = None) -> None:
-        check_finite(done)
+    def write_checkpoint(done: int, keep: bool, path: Path | None = None, preempted: bool = False) -> None:
         if not is_main:
             return
         state = {
@@ -172,9 +195,10 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             "optim": {p: o.state_dict() for p, o in optimizers.items()},
             "scaler": {p: s.state_dict() for p, s in scalers.items()},
             "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                    "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
             "log": {"sums": {k: v.cpu() for k, v in sums.items()}, "counts": counts, "logged_at": logged_at},
             "best": best,
+            "preempted": preempted,  # stopped by a scheduler's signal: a requeued job resumes by itself
         }
         if path is not None:
             checkpoint.save(state, path)
@@ -202,6 +226,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                     loss, stats = model.loss(phase, x, y, step)
                 optimizers[phase].zero_grad(set_to_none=True)
                 scalers[phase].scale(loss).backward()
+                dist.average_gradients(model.phase_parameters(phase))
                 scalers[phase].step(optimizers[phase])
                 scalers[phase].update()
                 if after_step is not None:
@@ -214,12 +239,17 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             bar.update(1)
             # trainer.max_minutes: the run ends here, as at its last step, once its training time is up
             # (across resumes), so runs can be compared at equal wall time or fit a job's time limit.
-            timed_out = t.max_minutes is not None and seconds + time.perf_counter() - t0 >= 60 * t.max_minutes
+            # Under torchrun every rank stops at the same step: on a signal any rank has had, and when
+            # rank 0's clock (the one that leaves out evaluation) runs out.
+            stopping, timed_out = dist.agree(
+                stop.requested, t.max_minutes is not None and seconds + time.perf_counter() - t0 >= 60 * t.max_minutes)
             last = step == t.steps or timed_out
+            if last or stopping or any(every and step % every == 0 for every in
+                                       (t.log_every, t.sample_every, t.ckpt_every, t.eval_every)):
+                check_finite(step)  # nothing is logged, drawn or saved from a model that has diverged
 
             if step % t.log_every == 0 or last:
-                check_finite(step)
-                totals = torch.stack(list(sums.values())).tolist()  # one host sync for all of them
+                totals = dist.mean(torch.stack(list(sums.values()))).tolist()  # one host sync for all of them
                 values = {k: total / counts[k] for k, total in zip(sums, totals)}
                 now = time.perf_counter()
                 images = (step - tick_step) * t.batch_size * draws  # real images consumed
@@ -234,14 +264,12 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
                     sums, counts, logged_at, tick, tick_step = {}, {}, step, now, step
 
             if is_main and (step % t.sample_every == 0 or last):
-                check_finite(step)
                 model.eval()
                 with torch.no_grad():
                     save_grid(model.sample(*fixed), sample_dir / f"step_{step:07d}.png", nrow, reference)
                 model.train()
 
             if evaluate is not None and (step % t.eval_every == 0 or last):
-                check_finite(step)
                 started = time.perf_counter()
                 model.eval()
                 scored = evaluate(model)
@@ -262,16 +290,28 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
             if step % t.ckpt_every == 0 or last:
                 write_checkpoint(step, keep=step % t.ckpt_every == 0)
 
-            if stop.requested:
-                write_checkpoint(step, keep=False)
-                raise Interrupted(f"interrupted at step {step}; checkpoint written to {ckpt_dir / 'last.pt'}; "
-                                  f"continue with: gentrain resume={run_dir}")
+            if stopping:
+                write_checkpoint(step, keep=False, preempted=stop.preempted)
+                dist.barrier()  # rank 0's checkpoint is on disk before any rank leaves
+                stop.hand_over()  # a preempted job under submitit: its handler requeues the job and exits
+                how = (f"stopped by {signal.Signals(stop.signum).name} (preemption) at step {step}; the job's "
+                       f"next start resumes it" if stop.preempted else f"interrupted at step {step}")
+                stop_all(Interrupted(f"{how}; checkpoint written to {ckpt_dir / 'last.pt'}; "
+                                     f"continue with: gentrain resume={run_dir}"))
             if timed_out:
                 log.info("trainer.max_minutes=%g reached at step %d; continue with: gentrain resume=%s "
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
                 break
     bar.close()
     log.info("done: %d steps; checkpoint %s, samples in %s", step, ckpt_dir / "last.pt", sample_dir)
+
+
+def stop_all(error: GentrainError) -> None:
+    """An outcome every rank reached at the same step: rank 0 reports it, the other ranks leave quietly."""
+    dist.barrier()
+    if dist.rank() != 0:
+        sys.exit(error.exit_code)
+    raise error
 
 
 def _truncate_metrics(path: Path, logged_at: int, step: int) -> None:

@@ -10,22 +10,33 @@ cutout"; each example draws its own parameters. Images are in [-1, 1].
 import torch
 import torch.nn.functional as F
 
+from gentrain.dist import per_example
+
+
+def _rand(x: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) per example, shaped to broadcast over an image."""
+    return per_example(lambda m: torch.rand(m, 1, 1, 1, device=x.device, dtype=x.dtype), len(x))
+
+
+def _randint(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """An integer in [low, high) per example."""
+    return per_example(lambda m: torch.randint(low, high, (m,), device=x.device), len(x))
+
 
 def color(x: torch.Tensor) -> torch.Tensor:
     """Random brightness (+-0.5), saturation (x0..2) and contrast (x0.5..1.5), per example."""
-    n = len(x)
-    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+    x = x + (_rand(x) - 0.5)
     mean = x.mean(1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+    x = (x - mean) * (_rand(x) * 2) + mean
     mean = x.mean((1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
+    return (x - mean) * (_rand(x) + 0.5) + mean
 
 
 def translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     """Shift each image by a random whole number of pixels, up to 1/8 of its side, padding with zeros."""
     n, _, h, w = x.shape
-    shift = torch.stack([torch.randint(-int(h * ratio), int(h * ratio) + 1, (n,), device=x.device),
-                         torch.randint(-int(w * ratio), int(w * ratio) + 1, (n,), device=x.device)], 1)
+    shift = torch.stack([_randint(x, -int(h * ratio), int(h * ratio) + 1),
+                         _randint(x, -int(w * ratio), int(w * ratio) + 1)], 1)
     # An affine grid that moves by whole pixels, read with nearest sampling: an exact shift whose
     # gradient is the same shift backwards.
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
@@ -38,10 +49,10 @@ def translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
 
 def cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     """Zero a square of half the image's side at a random place in each image (DeVries & Taylor 2017)."""
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h + 1 - ch, (n, 1, 1), device=x.device)
-    left = torch.randint(0, w + 1 - cw, (n, 1, 1), device=x.device)
+    top = _randint(x, 0, h + 1 - ch)[:, None, None]
+    left = _randint(x, 0, w + 1 - cw)[:, None, None]
     rows = torch.arange(h, device=x.device)[None, :, None]
     cols = torch.arange(w, device=x.device)[None, None, :]
     hole = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)

@@ -11,6 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim.swa_utils import AveragedModel
 
 from gentrain import GentrainError
+from gentrain.dist import per_example
 from gentrain.models import augment as diffaug
 from gentrain.models import losses
 from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init
@@ -129,7 +130,7 @@ class GAN(nn.Module):
         return self._generate(self.G_ema if self.use_ema and self.G_ema is not None else self.G, z, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
-        z = self.noise(x.shape[0], device=x.device)
+        z = per_example(lambda m: self.noise(m, device=x.device), len(x))
         cond = self._cond(y)
         aug = lambda images: diffaug.diff_augment(images, self.augment)
         if phase == "D":

@@ -8,6 +8,8 @@ with respect to its input.
 import torch
 import torch.nn.functional as F
 
+from gentrain.dist import per_example
+
 # Goodfellow et al. 2014, Eq. 1:
 #     min_G max_D  V(D, G) = E_x[log D(x)] + E_z[log(1 - D(G(z)))]
 # D outputs a logit l, D = sigmoid(l), so  -log D = softplus(-l)  and  -log(1 - D) = softplus(l);
@@ -80,7 +82,7 @@ def _input_grad_norm2(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tens
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, *args) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017, Eq. 3): E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = e x + (1 - e) G(z),
     e ~ U[0, 1] per example; the caller weighs it by lambda. `args` (class labels) go on to D."""
-    e = torch.rand(len(real), *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
+    e = per_example(lambda m: torch.rand(m, *[1] * (real.dim() - 1), device=real.device, dtype=real.dtype), len(real))
     x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
     return (_input_grad_norm2(D(x_hat, *args).float(), x_hat).sqrt() - 1).pow(2).mean()
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gentrain import GentrainError
+from gentrain.dist import per_example
 from gentrain.models.nets import Decoder, Encoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -98,7 +99,7 @@ class VAE(nn.Module):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)
         # The expectation is estimated with one reparameterised sample z = mu + sigma * eps.
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = mu + per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x)) * (0.5 * logvar).exp()
         recon = -log_likelihood(self.decoder(z).float(), (x.float() + 1) / 2, self.likelihood, self.sigma)
         kl = kl_std_normal(mu, logvar)
         loss = (recon + self.beta * kl).mean()

@@ -1,0 +1,138 @@
+"""Data-parallel training on CPU with gloo: N torchrun workers take the steps one process takes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FAST, assert_one_line_error
+
+VAE = ["model=vae", *FAST, "trainer.steps=6", "trainer.device=cpu"]
+# The toy GAN (an MLP without batch norm) with the parts that make GAN steps special: two optimizers,
+# two D steps per G step, the R1 input-gradient penalty and an EMA of G.
+GAN = ["experiment=toy", "dataset=ring8", "trainer.steps=20", "trainer.log_every=5", "trainer.device=cpu",
+       "model.d_steps=2", "model.r1=0.1", "trainer.eval_every=0"]
+
+
+def weights(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), k
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in x:
+            if "/" in k or "(" in k:  # the logged losses, averaged over ranks
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("args", [VAE, GAN], ids=["vae", "gan"])
+def test_two_processes_take_the_steps_one_process_takes(gentrain, tmp_path, args):
+    gentrain(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    proc = gentrain(*args, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert proc.stdout.count("[INFO] - training vae" if args is VAE else "[INFO] - training gan") == 1  # rank 0 speaks for the run
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(gentrain, tmp_path):
+    args = [a for a in GAN if not a.startswith("trainer.steps=")]
+    gentrain(*args, "trainer.steps=20", f"hydra.run.dir={tmp_path / 'straight'}")
+    gentrain(*args, "trainer.steps=10", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'moved'}")
+    gentrain(f"resume={tmp_path / 'moved'}", "trainer.steps=20", "trainer.devices=1")
+    assert_same_run(tmp_path / "straight", tmp_path / "moved")
+
+
+def test_torchrun_itself_writes_one_run_folder(data_root, tmp_path):
+    """`torchrun -m gentrain`: the other ranks follow rank 0's run folder and write nothing."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "gentrain", *VAE], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GENTRAIN_DATA": str(data_root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    (run,) = (tmp_path / "runs" / "vae-mnist").iterdir()
+    assert weights(run) and records(run)[-1]["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_an_error_in_one_rank_stops_every_rank_with_one_line(gentrain, tmp_path):
+    # Only rank 0 evaluates, so only rank 0 finds the missing weights file; rank 1 is waiting for it.
+    started = time.time()
+    proc = gentrain(*VAE, "trainer.devices=2", "trainer.eval_every=3", "metrics.compute=[fid]",
+                    "metrics.features=inception", f"metrics.inception_weights={tmp_path / 'missing.pt'}",
+                    check=False, timeout=120)
+    assert_one_line_error(proc, "missing.pt: no such file")
+    assert time.time() - started < 60
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(data_root, tmp_path, gentrain):
+    run = tmp_path / "run"
+    args = [*VAE, "trainer.steps=100000", "trainer.log_every=1", "trainer.devices=2", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "gentrain", *args], cwd=tmp_path, text=True,
+                            env={**os.environ, "GENTRAIN_DATA": str(data_root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the launcher passes it on to every worker
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("gentrain: interrupted at step") and sum("gentrain:" in ln for ln in lines) == 1
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert stopped >= 3 and f"step {stopped};" in lines[-1]
+    gentrain(f"resume={run}", f"trainer.steps={stopped + 2}")
+    assert records(run)[-1]["step"] == stopped + 2
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["trainer.devices=3"], "trainer.batch_size=32 must split evenly over 3 processes"),
+    (["trainer.devices=2", "trainer.sync_bn=true", "trainer.device=cpu"], "sync_bn=true needs GPUs"),
+    (["trainer.devices=0"], "trainer.devices must be a positive integer"),
+])
+def test_bad_process_settings_are_one_line(gentrain, args, fragment):
+    assert_one_line_error(gentrain(*VAE, *args, check=False), fragment)
+
+
+def test_a_preempted_run_resumes_when_its_job_starts_again(data_root, tmp_path, gentrain):
+    """A scheduler's USR2 (SLURM via submitit): checkpoint at a step boundary, and the same command,
+    started again in the same folder, continues the run instead of refusing it."""
+    args = [*FAST, "model=vae", "trainer.log_every=1", "trainer.ckpt_every=1000", "trainer.sample_every=1000",
+            "trainer.steps=300"]
+    gentrain(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    run = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "gentrain", *args, f"hydra.run.dir={run}"], cwd=tmp_path,
+                            env={**os.environ, "GENTRAIN_DATA": str(data_root)}, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 5):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by SIGUSR2 (preemption)" in stderr, stderr
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["preempted"] and 5 <= ckpt["step"] < 300
+    again = gentrain(*args, f"hydra.run.dir={run}")
+    assert f"stopped by its scheduler at step {ckpt['step']}: resuming it" in again.stdout
+    a, b = weights(tmp_path / "straight"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run is not picked up again; a run SLURM requeued is, whatever stopped it.
+    assert_one_line_error(gentrain(*args, f"hydra.run.dir={run}", check=False), "already holds a run")
+    requeued = gentrain(*args, f"hydra.run.dir={run}", env={"SLURM_RESTART_COUNT": "1"})
+    assert "stopped by its scheduler at step 300: resuming it" in requeued.stdout
