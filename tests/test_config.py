@@ -21,7 +21,7 @@ def compose_train(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "optim", "trainer", "experiment"])
+@pytest.mark.parametrize("group", ["model", "dataset", "optim", "trainer", "experiment", "hparams_search"])
 def test_every_option_of_every_group_composes(group):
     assert options(group), f"configs/{group} is empty"
     for choice in options(group):
@@ -29,6 +29,16 @@ def test_every_option_of_every_group_composes(group):
         cfg = compose_train(f"{group}={choice}", *extra)
         check_train(cfg)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_cluster_configs_compose_with_their_plugins():
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=4"], return_hydra_config=True)
+        optuna = compose("train", overrides=["hparams_search=optuna", "trainer.steps=50"], return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher.gpus_per_node == 4  # a job asks for the GPUs its run trains on
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert optuna.trainer.eval_every == 50 and optuna.hydra.sweeper.direction == "minimize"
 
 
 def test_each_family_picks_its_own_optimizer_defaults():

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gentrain import GentrainError, dist
@@ -82,9 +81,7 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.trainer.sync_bn and processes > 1 and device.type != "cuda":
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
-    if cfg.trainer.devices > 1 and device.type == "cuda" and cfg.trainer.devices > torch.cuda.device_count():
-        raise GentrainError(f"trainer.devices={cfg.trainer.devices} but torch sees "
-                            f"{torch.cuda.device_count()} GPU(s)")
+
     target = str(cfg.optim.get("_target_", ""))
     if not target.startswith("torch.optim."):
         # The optimizer is built with hydra.utils.instantiate, also when resuming from a

@@ -40,10 +40,17 @@ def init(device: torch.device) -> torch.device:
     if not launched():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        gpus, local = torch.cuda.device_count(), int(os.environ["LOCAL_WORLD_SIZE"])
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % gpus)
         torch.cuda.set_device(device)
-        td.init_process_group("nccl", device_id=device)
-        _control = td.new_group(backend="gloo")
+        if local <= gpus:
+            td.init_process_group("nccl", device_id=device)
+            _control = td.new_group(backend="gloo")
+        else:  # NCCL takes one GPU per process; gloo's all-reduce and broadcast also run on CUDA tensors
+            log.warning("%d processes share %d GPU(s) through gloo: slower than one process per GPU",
+                        local, gpus)
+            td.init_process_group("gloo")
+            _control = td.group.WORLD
     else:
         td.init_process_group("gloo")
         _control = td.group.WORLD

@@ -211,8 +211,10 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
     with _StopOnSignal() as stop, logging_redirect_tqdm():
         what = f"{len(data.images)} points" if data.points else \
             f"{len(data.images)} images, {data.image_size}x{data.image_size}"
+        where = f"{dist.world_size()} processes ({device.type}, global batch {t.batch_size})" \
+            if dist.world_size() > 1 else device
         log.info("training %s on %s (%s) on %s%s, from step %d to %d, run folder %s", cfg.model.family,
-                 cfg.dataset.name, what, device, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
+                 cfg.dataset.name, what, where, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
         while step < t.steps:
             runs = dict.fromkeys(phases, 0)
             for phase in model.phases:
