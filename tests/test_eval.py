@@ -70,10 +70,13 @@ def test_eval_of_a_vae_reports_elbo_and_nll_in_nats_and_bits(gentrain, metrics_c
              f"out={out}")
     result = json.loads(out.read_text())
     m = result["metrics"]
-    assert set(m) == {"precision@classifier", "recall@classifier", "nelbo", "nll", "nelbo_bpd", "nll_bpd"}
+    assert set(m) == {"precision@classifier", "recall@classifier", "nelbo", "nll", "nelbo_bpd", "nll_bpd",
+                      "rate_bits", "distortion"}
     assert 0 < m["nll"] <= m["nelbo"]  # the IWAE bound is tighter than the ELBO
     assert m["nll_bpd"] == pytest.approx(m["nll"] / (784 * 0.6931471805599453))
-    assert result["nll_setup"] == {"k": 20, "test_images": 40, "likelihood": "bernoulli"}
+    assert result["nll_setup"]["k"] == 20 and result["nll_setup"]["test_images"] == 40
+    assert result["nll_setup"]["likelihood"] == "bernoulli" and "not a normalised likelihood" in \
+        result["nll_setup"]["meaning"]
 
 
 def test_real_data_floor(gentrain, metrics_cache, tmp_path):

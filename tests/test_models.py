@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from gentrain import GentrainError
 from gentrain.models import build
 from gentrain.models.losses import d_loss, g_loss_minimax, g_loss_ns
-from gentrain.models.vae import kl_std_normal, log_likelihood
+from gentrain.models.likelihoods import discretized_logistic, log_prob
+from gentrain.models.vae import kl_std_normal
 
 SIZES = [28, 32, 64]
 
@@ -31,9 +32,10 @@ def test_gan_shapes(size, channels):
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_vae_shapes(size, channels, likelihood):
-    model = build({"family": "vae", "z_dim": 6, "ch": 8, "likelihood": likelihood}, channels, size)
+@pytest.mark.parametrize("likelihood, sigma", [("bernoulli", 0.1), ("gaussian", 0.1), ("gaussian", None),
+                                               ("dlogistic", 0.1)])
+def test_vae_shapes(size, channels, likelihood, sigma):
+    model = build({"family": "vae", "z_dim": 6, "ch": 8, "likelihood": likelihood, "sigma": sigma}, channels, size)
     x = torch.rand(4, channels, size, size) * 2 - 1
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (4, 6)
@@ -85,13 +87,50 @@ def test_generator_phase_leaves_discriminator_gradients_alone_when_loop_freezes_
 def test_bernoulli_log_likelihood_matches_torch_distributions():
     logits, x = torch.randn(3, 1, 4, 4), torch.randint(0, 2, (3, 1, 4, 4)).float()
     expected = torch.distributions.Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1)
-    assert torch.allclose(log_likelihood(logits, x, "bernoulli", 0.1), expected, atol=1e-5)
+    assert torch.allclose(log_prob(logits, x, "bernoulli"), expected, atol=1e-5)
 
 
 def test_gaussian_log_likelihood_matches_torch_distributions():
     mean, x = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 4, 4)
     expected = torch.distributions.Normal(mean, 0.2).log_prob(x).flatten(1).sum(1)
-    assert torch.allclose(log_likelihood(mean, x, "gaussian", 0.2), expected, atol=1e-4)
+    assert torch.allclose(log_prob(mean, x, "gaussian", 0.2), expected, atol=1e-4)
+    # sigma=None: the decoder's second half of channels is log sigma, per pixel
+    log_s = torch.randn(3, 2, 4, 4) * 0.5 - 1
+    expected = torch.distributions.Normal(mean, log_s.exp()).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(log_prob(torch.cat([mean, log_s], 1), x, "gaussian", None), expected, atol=1e-4)
+
+
+def logistic_cdf(mu, s):
+    """torch.distributions' logistic: a uniform pushed through the logit and an affine map."""
+    T = torch.distributions.transforms
+    d = torch.distributions.TransformedDistribution(
+        torch.distributions.Uniform(torch.zeros_like(mu), torch.ones_like(mu)),
+        [T.SigmoidTransform().inv, T.AffineTransform(mu, s)])
+    return d.cdf
+
+
+def test_discretized_logistic_matches_torch_distributions_and_sums_to_one():
+    torch.manual_seed(0)
+    mu, log_s = (torch.rand(2, 3, 4, 4) * 2 - 1).double(), (torch.rand(2, 3, 4, 4) * 3 - 4).double()
+    pixels = torch.randint(0, 256, (2, 3, 4, 4))
+    pixels[0, 0, 0, :2] = torch.tensor([0, 255])  # the two edge bins take the mass beyond them
+    x = pixels.double() * 2 / 255 - 1
+    cdf = logistic_cdf(mu, log_s.exp())
+    hi = torch.where(pixels == 255, torch.ones_like(x), cdf(x + 1 / 255))
+    lo = torch.where(pixels == 0, torch.zeros_like(x), cdf(x - 1 / 255))
+    expected = torch.log(hi - lo)
+    got = discretized_logistic(torch.cat([mu, log_s], 1), pixels.double() / 255)
+    likely = expected > math.log(1e-5)  # exact differences of the CDF
+    assert likely.sum() > 20 and torch.allclose(got[likely], expected[likely], atol=1e-6)
+    # Far in a tail, the density at the bin's centre times its width (where the reference's CDF difference
+    # has not itself rounded to 0 even in float64)
+    tail = ~likely & torch.isfinite(expected)
+    assert tail.sum() > 5 and torch.allclose(got[tail], expected[tail], rtol=1e-3)
+    assert torch.isfinite(got).all()
+    # Over all 256 values of one sub-pixel the probabilities add up to 1: a true discrete likelihood.
+    every = torch.arange(256).float().view(256, 1, 1, 1) / 255
+    out = torch.tensor([0.3, -2.5]).view(1, 2, 1, 1).expand(256, 2, 1, 1)
+    assert discretized_logistic(out, every).exp().sum().item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_kl_closed_form_matches_monte_carlo():

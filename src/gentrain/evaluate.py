@@ -32,6 +32,7 @@ IMAGE_METRICS = ("fid", "kid", "pr", "classes")
 SCORES = {"fid": ("fid", True), "kid": ("kid", True), "precision": ("pr", False), "recall": ("pr", False),
           "classes": ("classes", False), "class_kl": ("classes", True), "class_acc": ("classes", False),
           "nelbo": ("nll", True), "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True),
+          "distortion": ("nll", True),
           "modes": ("modes", False), "hq": ("modes", False)}
 
 
@@ -101,9 +102,10 @@ class Evaluator:
             if "modes" in self.compute:
                 self.modes = data.toy_modes(dataset_cfg.name)
             if "nll" in self.compute:
-                test = data.load(dataset_cfg, split="test").images
-                nll_n = nll_n or metrics_cfg.nll_n
-                self.test_images = test[:nll_n] if nll_n else test
+                test = data.load(dataset_cfg, split="test")
+                nll_n = nll_n or metrics_cfg.nll_n or len(test.images)
+                self.test_images = test.images[:nll_n]
+                self.test_labels = None if test.labels is None else test.labels[:nll_n]
 
     def _reference(self, fs, split_images, cache):
         d = self.dataset_cfg
@@ -171,20 +173,43 @@ class Evaluator:
 
     @torch.no_grad()
     def likelihood(self, model, batch_size: int = 100) -> dict[str, float]:
-        """Test -ELBO and the IWAE estimate of -log p(x) (Burda et al. 2016, Eq. 8) with k samples,
-        per image in nats and per dimension in bits."""
+        """Test -ELBO and the IWAE estimate of -log p(x) (Burda et al. 2016, Eq. 8) with k samples, per
+        image in nats and per dimension in bits; and the -ELBO's two parts (Alemi et al. 2018): the rate,
+        what the code costs in bits per image, and the distortion in nats per image. A binarising model
+        scores the test images binarised once, by the seed."""
         k, dims = self.cfg.k, self.test_images[0].numel()
-        elbo, iwae = [], []
+        sums = {"elbo": [], "iwae": [], "rate": [], "distortion": []}
+        labels = self.test_labels if model.num_classes else None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # the same seed gives the same estimate; training's RNG is untouched
-            for xb in tqdm(self.test_images.split(batch_size), desc=f"NLL, k={k}", unit="batch", leave=False,
-                           disable=None):
-                log_w = model.log_weights(data.to_signed(xb.to(self.device)), k)
-                elbo.append(log_w.mean(1).cpu())
-                iwae.append((log_w.logsumexp(1) - math.log(k)).cpu())
-        nelbo, nll = -torch.cat(elbo).double().mean().item(), -torch.cat(iwae).double().mean().item()
+            for i, xb in enumerate(tqdm(self.test_images.split(batch_size), desc=f"NLL, k={k}", unit="batch",
+                                        leave=False, disable=None)):
+                yb = None if labels is None else labels[i * batch_size:(i + 1) * batch_size].to(self.device)
+                x = model.observe(data.to_signed(xb.to(self.device)))
+                log_w = model.log_weights(x, k, y=yb)
+                rate, distortion = model.rate_distortion(x, yb)
+                for key, v in (("elbo", log_w.mean(1)), ("iwae", log_w.logsumexp(1) - math.log(k)),
+                               ("rate", rate), ("distortion", distortion)):
+                    sums[key].append(v.double().cpu())
+        mean = {key: torch.cat(v).mean().item() for key, v in sums.items()}
+        nelbo, nll = -mean["elbo"], -mean["iwae"]
         bpd = 1 / (dims * math.log(2))
-        return {"nelbo": nelbo, "nll": nll, "nelbo_bpd": nelbo * bpd, "nll_bpd": nll * bpd}
+        return {"nelbo": nelbo, "nll": nll, "nelbo_bpd": nelbo * bpd, "nll_bpd": nll * bpd,
+                "rate_bits": mean["rate"] / math.log(2), "distortion": mean["distortion"]}
+
+
+def protocol(model_cfg: dict) -> dict:
+    """What a VAE's likelihood numbers mean, for eval.json."""
+    likelihood, binarize = model_cfg.get("likelihood"), model_cfg.get("binarize", False)
+    if likelihood == "bernoulli" and binarize:
+        what = "log-likelihood of dynamically binarised images (the test split binarised once, by the seed)"
+    elif likelihood == "dlogistic":
+        what = "log-likelihood of the 8-bit images (discretised logistic)"
+    elif likelihood == "bernoulli":
+        what = "Bernoulli cross-entropy of grey pixels: not a normalised likelihood, not comparable"
+    else:
+        what = "density of continuous pixels in [0, 1]: not comparable to discrete likelihoods"
+    return {"likelihood": likelihood, "binarize": binarize, "meaning": what}
 
 
 def table(result: dict) -> str:
@@ -230,7 +255,7 @@ def main(cfg: DictConfig) -> None:
               "seed": cfg.seed, "spaces": evaluator.describe(), "metrics": metrics, "skipped": evaluator.skipped}
     if "nll" in metrics:
         result["nll_setup"] = {"k": cfg.metrics.k, "test_images": len(evaluator.test_images),
-                               "likelihood": ckpt["config"]["model"].get("likelihood")}
+                               **protocol(ckpt["config"]["model"])}
     print(table(result))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,10 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
     test = data.load(dataset_cfg, split="test")
     pick = torch.randperm(len(test.images), generator=g)[:cfg.n]
     x = data.to_signed(test.images[pick])
-    recon = torch.cat([model.reconstruct(xb.to(device)).cpu() for xb in x.split(cfg.batch_size)])
+    y = test.labels[pick].to(device) if model.num_classes else None  # a conditional VAE reads the class too
+    bs = cfg.batch_size
+    recon = torch.cat([model.reconstruct(x[i:i + bs].to(device), None if y is None else y[i:i + bs]).cpu()
+                       for i in range(0, len(x), bs)])
     # Rows of inputs, each followed by the row of their reconstructions.
     nrow = cfg.nrow or 8
     pairs = [torch.cat([xi, ri]) for xi, ri in zip(x.split(nrow), recon.split(nrow))]

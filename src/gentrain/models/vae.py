@@ -1,4 +1,5 @@
-"""The VAE family: an encoder q(z|x) and a decoder p(x|z) trained in one phase on the (beta-)ELBO."""
+"""The VAE family: an encoder q(z|x) and a decoder p(x|z) trained in one phase on the (beta-)ELBO or
+the IWAE bound; the likelihoods p(x|z) are in likelihoods.py."""
 
 import math
 
@@ -8,45 +9,42 @@ from torch import nn
 
 from gentrain import GentrainError
 from gentrain.dist import per_example
+from gentrain.models import likelihoods
+from gentrain.models.likelihoods import LIKELIHOODS
 from gentrain.models.nets import Decoder, Encoder
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+LOG_2PI = math.log(2 * math.pi)
 
 
-def log_likelihood(out: torch.Tensor, x01: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
-    """log p(x|z) per image (nats), summed over pixels; x01 holds pixels in [0, 1].
-
-    bernoulli: out are logits; log p = sum x log p + (1 - x) log(1 - p). On grey pixels this is the
-               cross-entropy of the classic example, a training objective rather than a normalised
-               density of continuous x.
-    gaussian:  out is the mean; log N(x; mu, sigma^2) = -(x - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2.
-    """
-    if likelihood == "bernoulli":
-        return -F.binary_cross_entropy_with_logits(out, x01, reduction="none").flatten(1).sum(1)
-    logp = -0.5 * ((x01 - out) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
-    return logp.flatten(1).sum(1)
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) of each latent dimension, closed form (Kingma & Welling 2014,
+    App. B): -1/2 (1 + log sigma^2 - mu^2 - sigma^2)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image, closed form (Kingma & Welling 2014, App. B):
-    -1/2 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image: the sum over latent dimensions."""
+    return kl_per_dim(mu, logvar).sum(1)
 
 
 class VAE(nn.Module):
     phases = ("vae",)
-    num_classes = 0  # unconditional
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 16, ch: int = 64, beta: float = 1.0,
-                 likelihood: str = "bernoulli", sigma: float = 0.1):
+                 likelihood: str = "bernoulli", sigma: float | None = 0.1, binarize: bool = False,
+                 kl_warmup_steps: int = 0, free_bits: float = 0.0, k: int = 1, conditional: bool = False,
+                 num_classes: int = 0):
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
-        if not beta >= 0 or not sigma > 0:
-            raise GentrainError(f"model.beta must be >= 0 and model.sigma > 0, got beta={beta}, sigma={sigma}")
+        check(likelihood=likelihood, beta=beta, sigma=sigma, binarize=binarize, kl_warmup_steps=kl_warmup_steps,
+              free_bits=free_bits, k=k, conditional=conditional, num_classes=num_classes)
         self.z_dim, self.beta, self.likelihood, self.sigma = z_dim, beta, likelihood, sigma
-        self.encoder = Encoder(channels, image_size, ch, 2 * z_dim, norm=False)
-        self.decoder = Decoder(z_dim, channels, image_size, ch, norm=False)
+        self.binarize, self.kl_warmup_steps, self.free_bits, self.k = binarize, kl_warmup_steps, free_bits, k
+        self.num_classes = num_classes if conditional else 0
+        # The conditional VAE (Sohn et al. 2015) reads the class in both networks: q(z|x, y) as one-hot
+        # planes beside the image, p(x|z, y) as an embedding beside z; the prior stays N(0, I).
+        self.encoder = Encoder(channels + self.num_classes, image_size, ch, 2 * z_dim, norm=False)
+        self.decoder = Decoder(z_dim, likelihoods.out_channels(likelihood, channels, sigma), image_size, ch,
+                               norm=False, num_classes=self.num_classes)
 
     def phase_parameters(self, phase: str):
         return self.parameters()
@@ -54,55 +52,131 @@ class VAE(nn.Module):
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator, device=device)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z|x) = N(mu, diag(exp(logvar))) for images x in [-1, 1]."""
+    def _cond(self, y):
+        return (y,) if self.num_classes else ()
+
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """The pixels the model is trained and scored on, in [-1, 1]. With model.binarize, dynamic
+        binarisation (Salakhutdinov & Murray 2008): every time an image is read, each pixel is drawn
+        from a Bernoulli of its intensity, so the model sees {0, 1} images and a fresh draw each epoch."""
+        if not self.binarize:
+            return x
+        u = per_example(lambda m: torch.rand(m, *x.shape[1:], device=x.device), len(x))
+        return (u < (x.float() + 1) / 2).float() * 2 - 1
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x) = N(mu, diag(exp(logvar))) for images x in [-1, 1] (and their classes y)."""
+        if self.num_classes:
+            planes = F.one_hot(y, self.num_classes)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes.to(x.dtype)], 1)
         mu, logvar = self.encoder(x).float().chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def log_px(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x|z) per image, nats, for images x in [-1, 1]."""
+        return likelihoods.log_prob(self.decoder(z, *self._cond(y)).float(), (x.float() + 1) / 2,
+                                    self.likelihood, self.sigma)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The mean of p(x|z) as an image in [-1, 1]."""
-        out = self.decoder(z).float()
-        mean = torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0, 1)
-        return mean * 2 - 1
+        out = self.decoder(z, *self._cond(y)).float()
+        return likelihoods.mean(out, self.likelihood, self.sigma) * 2 - 1
 
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images decoded from prior codes z; a conditional model without labels draws the classes in turn."""
+        if self.num_classes and y is None:
+            y = torch.arange(len(z), device=z.device) % self.num_classes
+        return self.decode(z, y)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x)[0])
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, y)[0], y)
+
+    def _log_w(self, x, y, mu, std, eps):
+        """log w = log p(x|z) + log p(z) - log q(z|x) at z = mu + std * eps, for eps of shape (N, k, z_dim)."""
+        n, k = eps.shape[:2]
+        z = mu[:, None] + std[:, None] * eps
+        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
+        log_qz = (-0.5 * eps.pow(2) - 0.5 * LOG_2PI - std.log()[:, None]).sum(-1)
+        each = lambda t: None if t is None else t[:, None].expand(-1, k, *t.shape[1:]).flatten(0, 1)
+        return self.log_px(z.flatten(0, 1), each(x), each(y)).view(n, k) + log_pz - log_qz
 
     @torch.no_grad()
-    def log_weights(self, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, k: int, chunk: int = 100, y: torch.Tensor | None = None) -> torch.Tensor:
         """log importance weights, (N, k), of k samples z_i ~ q(z|x) per image (Burda et al. 2016, Eq. 8):
             log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x).
         Their mean is the ELBO; log (1/k) sum_i w_i is the IWAE bound L_k, which never falls below the
         ELBO and rises towards log p(x) as k grows (Burda et al. 2016, Theorem 1)."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         std = (0.5 * logvar).exp()
-        x01 = (x.float() + 1) / 2
         out = []
         for start in range(0, k, chunk):
             kc = min(chunk, k - start)
-            eps = torch.randn(len(x), kc, self.z_dim, device=x.device)
-            z = mu[:, None] + std[:, None] * eps
-            log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
-            log_qz = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi) - std.log()[:, None]).sum(-1)
-            target = x01[:, None].expand(-1, kc, *x01.shape[1:]).flatten(0, 1)
-            log_px = log_likelihood(self.decoder(z.flatten(0, 1)).float(), target, self.likelihood,
-                                    self.sigma).view(len(x), kc)
-            out.append(log_px + log_pz - log_qz)
+            eps = per_example(lambda m: torch.randn(m, kc, self.z_dim, device=x.device), len(x))
+            out.append(self._log_w(x, y, mu, std, eps))
         return torch.cat(out, 1)
+
+    @torch.no_grad()
+    def rate_distortion(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, in nats: the rate KL(q(z|x) || p(z)), what the code costs to send, and the
+        distortion -log p(x|z) at one z ~ q(z|x); -ELBO = distortion + rate (Alemi et al. 2018, Sec. 2)."""
+        mu, logvar = self.encode(x, y)
+        z = mu + per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x)) * (0.5 * logvar).exp()
+        return kl_std_normal(mu, logvar), -self.log_px(z, x, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
              step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.observe(x)
+        mu, logvar = self.encode(x, y)
+        std = (0.5 * logvar).exp()
+        if self.k > 1:
+            # The IWAE bound (Burda et al. 2016, Eq. 8), trained through its k reparameterised samples:
+            #     L_k = E[log (1/k) sum_i p(x, z_i) / q(z_i|x)] >= ELBO
+            eps = per_example(lambda m: torch.randn(m, self.k, self.z_dim, device=x.device), len(x))
+            log_w = self._log_w(x, y, mu, std, eps)
+            loss = -(log_w.logsumexp(1) - math.log(self.k)).mean()
+            return loss, {"vae/loss": loss.detach(), "vae/nelbo": -log_w.mean().detach(),
+                          "vae/kl": kl_std_normal(mu, logvar).mean().detach()}
         # ELBO (Kingma & Welling 2014, Eq. 10) with the KL weighted by beta (Higgins et al. 2017, Eq. 4):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)
-        # The expectation is estimated with one reparameterised sample z = mu + sigma * eps.
-        mu, logvar = self.encode(x)
-        z = mu + per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x)) * (0.5 * logvar).exp()
-        recon = -log_likelihood(self.decoder(z).float(), (x.float() + 1) / 2, self.likelihood, self.sigma)
-        kl = kl_std_normal(mu, logvar)
-        loss = (recon + self.beta * kl).mean()
+        # estimated with one reparameterised sample z = mu + sigma * eps.
+        z = mu + std * per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x))
+        recon = -self.log_px(z, x, y)
+        kl_dims = kl_per_dim(mu, logvar)
+        kl = kl_dims.sum(1)
+        # KL warm-up (Bowman et al. 2016; Sønderby et al. 2016, Sec. 2.3): beta grows linearly from 0 over
+        # the first kl_warmup_steps steps, so the decoder learns to use z before the KL pulls q to the prior.
+        beta = self.beta * min(1.0, step / self.kl_warmup_steps) if self.kl_warmup_steps else self.beta
+        if self.free_bits:
+            # Free bits (Kingma et al. 2016, IAF, App. C.8): each latent dimension's KL, averaged over the
+            # batch, costs nothing below lambda nats, so dimensions are not switched off early:
+            #     sum_j max(lambda, E_x[KL(q(z_j|x) || p(z_j))])
+            kl_term = kl_dims.mean(0).clamp(min=self.free_bits).sum()
+        else:
+            kl_term = kl.mean()
+        loss = recon.mean() + beta * kl_term
         # Reported per image in nats; nelbo is the beta=1 bound whatever beta trains with.
-        return loss, {"vae/loss": loss.detach(), "vae/recon": recon.mean().detach(),
-                      "vae/kl": kl.mean().detach(), "vae/nelbo": (recon + kl).mean().detach()}
+        stats = {"vae/loss": loss.detach(), "vae/recon": recon.mean().detach(), "vae/kl": kl.mean().detach(),
+                 "vae/nelbo": (recon + kl).mean().detach()}
+        if self.kl_warmup_steps:
+            stats["vae/beta"] = torch.tensor(beta, device=x.device)
+        return loss, stats
+
+
+def check(*, likelihood, beta, sigma, binarize, kl_warmup_steps, free_bits, k, conditional, num_classes):
+    """The VAE settings as one clear line each when wrong."""
+    if likelihood not in LIKELIHOODS:
+        raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
+    if not beta >= 0 or (sigma is not None and not sigma > 0) or not free_bits >= 0:
+        raise GentrainError(f"need model.beta >= 0, model.sigma > 0 (or null: learned) and model.free_bits >= 0; "
+                            f"got beta={beta}, sigma={sigma}, free_bits={free_bits}")
+    if binarize and likelihood != "bernoulli":
+        raise GentrainError(f"model.binarize=true makes {{0, 1}} pixels, which only model.likelihood=bernoulli "
+                            f"describes; got likelihood={likelihood}")
+    for key, value in (("k", k), ("kl_warmup_steps", kl_warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "k" else 0):
+            raise GentrainError(f"model.{key} must be an integer >= {1 if key == 'k' else 0}, got {value!r}")
+    if k > 1 and (beta != 1 or free_bits or kl_warmup_steps):
+        raise GentrainError(f"model.k={k} trains the IWAE bound, which has no KL term to weigh: it takes "
+                            f"model.beta=1, free_bits=0 and kl_warmup_steps=0")
+    if conditional and not num_classes:
+        raise GentrainError("model.conditional=true needs a labelled dataset (mnist, fashion_mnist, cifar10)")
