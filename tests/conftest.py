@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,21 @@ def run_cli(args, cwd, data_root, check=True, timeout=300, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def start_cli(args, cwd, data_root) -> subprocess.Popen:
+    """`python -m gentrain ARGS` started in the background with stderr captured, for tests that signal it."""
+    return subprocess.Popen([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd, text=True,
+                            env={**os.environ, "GENTRAIN_DATA": str(data_root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_log_lines(metrics: Path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until a background run has written `lines` lines of metrics.jsonl, while it is still running."""
+    deadline = time.time() + timeout
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)
 
 
 @pytest.fixture

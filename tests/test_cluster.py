@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import FAST, assert_one_line_error
+from conftest import FAST, assert_one_line_error, start_cli, wait_for_log_lines
 
 TINY = [*FAST, "trainer.steps=2", "trainer.device=cpu"]
 
@@ -33,15 +31,9 @@ def test_a_submitit_job_checkpoints_on_its_timeout_signal_is_requeued_and_resume
     checkpoints, submitit requeues it, and the restarted job resumes the run to its last step."""
     args = ["model=vae", *FAST, "trainer.steps=600", "trainer.log_every=20", "trainer.ckpt_every=1000",
             "trainer.device=cpu"]
-    proc = subprocess.Popen([sys.executable, "-m", "gentrain", "-m", "hydra/launcher=submitit_local", *args,
-                             f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, text=True,
-                            env={**os.environ, "GENTRAIN_DATA": str(data_root)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_cli(["-m", "hydra/launcher=submitit_local", *args, f"hydra.sweep.dir={tmp_path}"], tmp_path, data_root)
     metrics = tmp_path / "0" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert time.time() < deadline and proc.poll() is None, "the job did not start training"
-        time.sleep(0.1)
+    wait_for_log_lines(metrics, 2, proc)
     # submitit's local job id is its controller's pid; the controller runs the job as its child
     (job_id,) = [p.name for p in (tmp_path / ".submitit").iterdir() if p.name.isdigit()]
     (task,) = Path(f"/proc/{job_id}/task/{job_id}/children").read_text().split()

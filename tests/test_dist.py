@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error
+from conftest import FAST, assert_one_line_error, start_cli, wait_for_log_lines
 
 VAE = ["model=vae", *FAST, "trainer.steps=6", "trainer.device=cpu"]
 # The toy GAN (an MLP without batch norm) with the parts that make GAN steps special: two optimizers,
@@ -82,13 +82,8 @@ def test_an_error_in_one_rank_stops_every_rank_with_one_line(gentrain, tmp_path)
 def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(data_root, tmp_path, gentrain):
     run = tmp_path / "run"
     args = [*VAE, "trainer.steps=100000", "trainer.log_every=1", "trainer.devices=2", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "gentrain", *args], cwd=tmp_path, text=True,
-                            env={**os.environ, "GENTRAIN_DATA": str(data_root)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
-        assert time.time() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.05)
+    proc = start_cli(args, tmp_path, data_root)
+    wait_for_log_lines(run / "metrics.jsonl", 3, proc)
     proc.send_signal(signal.SIGINT)  # the launcher passes it on to every worker
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -116,13 +111,8 @@ def test_a_preempted_run_resumes_when_its_job_starts_again(data_root, tmp_path, 
             "trainer.steps=300"]
     gentrain(*args, f"hydra.run.dir={tmp_path / 'straight'}")
     run = tmp_path / "job"
-    proc = subprocess.Popen([sys.executable, "-m", "gentrain", *args, f"hydra.run.dir={run}"], cwd=tmp_path,
-                            env={**os.environ, "GENTRAIN_DATA": str(data_root)}, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 5):
-        assert time.time() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.05)
+    proc = start_cli([*args, f"hydra.run.dir={run}"], tmp_path, data_root)
+    wait_for_log_lines(run / "metrics.jsonl", 5, proc)
     proc.send_signal(signal.SIGUSR2)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopped by SIGUSR2 (preemption)" in stderr, stderr

@@ -5,12 +5,11 @@ import signal
 import subprocess
 import sys
 import os
-import time
 
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error
+from conftest import FAST, assert_one_line_error, start_cli, wait_for_log_lines
 
 
 def metrics(run):
@@ -79,13 +78,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same_run(data_root, 
     args = ["model=vae", *FAST, "trainer.log_every=1", "trainer.ckpt_every=1000", "trainer.sample_every=1000"]
     gentrain(*args, "trainer.steps=400", f"hydra.run.dir={tmp_path / 'straight'}")
     run = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "gentrain", *args, "trainer.steps=400", f"hydra.run.dir={run}"],
-                            env={**os.environ, "GENTRAIN_DATA": str(data_root)}, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 5):
-        assert time.time() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.05)
+    proc = start_cli([*args, "trainer.steps=400", f"hydra.run.dir={run}"], tmp_path, data_root)
+    wait_for_log_lines(run / "metrics.jsonl", 5, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -10,7 +10,6 @@ Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job`
 """
 
 import functools
-import os
 import sys
 
 from gentrain import GentrainError
@@ -149,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     check_overrides(verb, args)
     if verb == "train" and "-m" not in args and "--multirun" not in args and (run := _resume_dir(args)):
         args += [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
-    if int(os.environ.get("RANK", "0")) > 0:
+    from gentrain import dist
+
+    if dist.rank() > 0:
         # torchrun's other workers: rank 0 picks the run folder and writes every file (gentrain.dist)
         args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
                  *([] if any(a.startswith("hydra.run.dir=") for a in args) else ["hydra.run.dir=."])]

@@ -11,7 +11,6 @@ function here is the single-process identity.
 import logging
 import os
 import sys
-import uuid
 
 import torch
 import torch.distributed as td
@@ -101,22 +100,22 @@ def average_gradients(params) -> None:
         g.copy_(part.view_as(g))
 
 
-def mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a tensor every rank holds (logged losses)."""
+def _reduced(x: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return x
     x = x.clone()
-    td.all_reduce(x)
-    return x / world_size()
+    td.all_reduce(x, op=op)
+    return x
+
+
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor every rank holds (logged losses)."""
+    return _reduced(x, td.ReduceOp.SUM) / world_size()
 
 
 def maximum(x: torch.Tensor) -> torch.Tensor:
     """The largest value over ranks of a tensor every rank holds."""
-    if world_size() == 1:
-        return x
-    x = x.clone()
-    td.all_reduce(x, op=td.ReduceOp.MAX)
-    return x
+    return _reduced(x, td.ReduceOp.MAX)
 
 
 def broadcast_(module: torch.nn.Module) -> None:
@@ -165,8 +164,8 @@ def torchrun(nproc: int, args: list[str]) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun's default is 1; split this machine's cores instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    launch = parse_args(["--standalone", f"--nproc-per-node={nproc}", f"--rdzv-id={uuid.uuid4()}",
-                         "--monitor-interval=0.5", "-m", "gentrain", *args])
+    launch = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.5",
+                         "-m", "gentrain", *args])  # --standalone: a local rendezvous with a fresh id
     try:
         run(launch)
     except ChildFailedError as e:

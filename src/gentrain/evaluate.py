@@ -179,12 +179,13 @@ class Evaluator:
         scores the test images binarised once, by the seed."""
         k, dims = self.cfg.k, self.test_images[0].numel()
         sums = {"elbo": [], "iwae": [], "rate": [], "distortion": []}
-        labels = self.test_labels if model.num_classes else None
+        images = self.test_images.split(batch_size)
+        labels = self.test_labels.split(batch_size) if model.num_classes else [None] * len(images)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # the same seed gives the same estimate; training's RNG is untouched
-            for i, xb in enumerate(tqdm(self.test_images.split(batch_size), desc=f"NLL, k={k}", unit="batch",
-                                        leave=False, disable=None)):
-                yb = None if labels is None else labels[i * batch_size:(i + 1) * batch_size].to(self.device)
+            for xb, yb in tqdm(list(zip(images, labels)), desc=f"NLL, k={k}", unit="batch", leave=False,
+                               disable=None):
+                yb = None if yb is None else yb.to(self.device)
                 x = model.observe(data.to_signed(xb.to(self.device)))
                 log_w = model.log_weights(x, k, y=yb)
                 rate, distortion = model.rate_distortion(x, yb)

@@ -120,7 +120,7 @@ class VAE(nn.Module):
         """Per image, in nats: the rate KL(q(z|x) || p(z)), what the code costs to send, and the
         distortion -log p(x|z) at one z ~ q(z|x); -ELBO = distortion + rate (Alemi et al. 2018, Sec. 2)."""
         mu, logvar = self.encode(x, y)
-        z = mu + per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x)) * (0.5 * logvar).exp()
+        z = mu + per_example(lambda m: self.noise(m, device=x.device), len(x)) * (0.5 * logvar).exp()
         return kl_std_normal(mu, logvar), -self.log_px(z, x, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
@@ -139,7 +139,7 @@ class VAE(nn.Module):
         # ELBO (Kingma & Welling 2014, Eq. 10) with the KL weighted by beta (Higgins et al. 2017, Eq. 4):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)
         # estimated with one reparameterised sample z = mu + sigma * eps.
-        z = mu + std * per_example(lambda m: torch.randn(m, self.z_dim, device=x.device), len(x))
+        z = mu + std * per_example(lambda m: self.noise(m, device=x.device), len(x))
         recon = -self.log_px(z, x, y)
         kl_dims = kl_per_dim(mu, logvar)
         kl = kl_dims.sum(1)
