@@ -169,6 +169,7 @@ def torchrun(nproc: int, args: list[str]) -> None:
     try:
         run(launch)
     except ChildFailedError as e:
-        sys.exit(min(f.exitcode for f in e.failures.values() if f.exitcode > 0) if e.failures else 1)
+        # A worker's own error code (2, 130); 1 where every failure was a signal (a crash, a kill)
+        sys.exit(min([f.exitcode for f in e.failures.values() if f.exitcode > 0] or [1]))
     except SignalException:
         sys.exit(130)

@@ -120,6 +120,7 @@ def main(cfg: DictConfig) -> float | None:
             ckpt = checkpoint.load(cfg.resume) if cfg.resume else None
     try:
         train(cfg, run_dir, device, ckpt)
+        dist.barrier()  # every rank is done, rank 0's last checkpoint written, before the group goes away
     finally:
         dist.shutdown()
     return objective(cfg, run_dir)
