@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from gentrain import GentrainError
-from gentrain.data import Batches, ImageData, load
+from gentrain.data import Batches, ImageData, load, to_signed
 
 
 def dataset_cfg(**kw):
@@ -116,3 +116,73 @@ def test_toy_datasets_are_seeded_mixtures_of_their_modes():
 def test_batch_larger_than_dataset_is_a_user_error():
     with pytest.raises(GentrainError, match="larger than the dataset"):
         Batches(ImageData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), None), 8, 0, torch.device("cpu"))
+
+
+def test_batches_match_the_classic_torchvision_pipeline(data_root):
+    """A GPU-resident batch is what a DataLoader with the classic PIL transforms (Resize, ToTensor,
+    Normalize(0.5, 0.5)) would give for the same images, at the native size and resized."""
+    import torchvision
+    from torchvision import transforms
+
+    for size in (28, 64):
+        data = load(dataset_cfg(root=str(data_root), image_size=size))
+        batches = Batches(data, batch_size=32, seed=3, device=torch.device("cpu"))
+        x, y = batches(5)
+        tf = ([transforms.Resize(size)] if size != 28 else []) + [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]
+        classic = torchvision.datasets.MNIST(str(data_root), train=True, transform=transforms.Compose(tf))
+        items = [classic[i] for i in batches.order(5).tolist()]
+        assert torch.allclose(x, torch.stack([im for im, _ in items]), atol=1e-6)
+        assert y.tolist() == [label for _, label in items]
+
+
+def emoji_folder(tmp_path, emoji_dir, n=24):
+    for f in sorted(emoji_dir.glob("*.png"))[:n]:
+        shutil.copy(f, tmp_path / f.name)
+    return dataset_cfg(name="folder", root=str(tmp_path), image_size=32)
+
+
+def test_a_streamed_folder_gives_the_batches_of_the_decoded_one(tmp_path, emoji_dir):
+    from gentrain.data import ImageFiles
+
+    cfg = emoji_folder(tmp_path, emoji_dir)
+    held = load(cfg, streamable=True)  # small: decoded into memory
+    streamed = load(OmegaConf.merge(cfg, {"on_device": False}), streamable=True)
+    assert isinstance(held, ImageData) and isinstance(streamed, ImageFiles) and len(streamed) == 24
+    a = Batches(held, batch_size=5, seed=1, device=torch.device("cpu"))
+    b = Batches(streamed, batch_size=5, seed=1, device=torch.device("cpu"), workers=2)
+    assert b.where.startswith("streamed")
+    for step in [0, 0, 1, 2, 3, 4, 5, 9, 10, 3]:  # repeats, two epochs, and a jump back (a resume)
+        assert torch.equal(a(step)[0], b(step)[0]), step
+    seen = torch.cat([b.order(s) for s in range(4)])  # one epoch: 4 batches of 5 from 24 images
+    assert len(set(seen.tolist())) == 20
+
+
+def test_a_broken_file_in_a_streamed_folder_is_named_or_skipped(tmp_path, emoji_dir):
+    cfg = OmegaConf.merge(emoji_folder(tmp_path, emoji_dir, n=6), {"on_device": False})
+    (tmp_path / "0000-broken.png").write_bytes(b"not a png")
+    for workers in (0, 2):
+        batches = Batches(load(cfg, streamable=True), batch_size=7, seed=0, device=torch.device("cpu"), workers=workers)
+        with pytest.raises(GentrainError) as e:
+            batches(0)  # one batch of all 7 files
+        assert str(e.value).startswith(f"{tmp_path / '0000-broken.png'} cannot be decoded") and "\n" not in str(e.value)
+    skipping = load(OmegaConf.merge(cfg, {"skip_bad": True}), streamable=True)
+    x, _ = Batches(skipping, batch_size=7, seed=0, device=torch.device("cpu"), workers=2)(0)
+    assert x.shape == (7, 3, 32, 32)
+
+
+def test_hflip_mirrors_about_half_of_the_images():
+    images = torch.arange(16, dtype=torch.uint8).view(1, 1, 1, 16).repeat(64, 1, 2, 1)
+    torch.manual_seed(0)
+    x, _ = Batches(ImageData(images, None), batch_size=64, seed=0, device=torch.device("cpu"), hflip=True)(0)
+    plain = to_signed(images[:1])
+    mirrored = (x == plain.flip(-1)).flatten(1).all(1)
+    assert ((x == plain).flatten(1).all(1) | mirrored).all()  # each image is itself or its mirror
+    assert 16 < mirrored.sum() < 48
+
+
+def test_bad_data_path_settings_are_one_line_errors(gentrain):
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(gentrain("dataset.on_device=maybe", check=False), "dataset.on_device must be one of auto|true|false")
+    assert_one_line_error(gentrain("dataset=folder", "dataset.root=.", "dataset.workers=-1", check=False),
+                          "dataset.workers must be an integer >= 0")

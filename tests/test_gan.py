@@ -89,7 +89,8 @@ def test_d_steps_repeat_the_d_phase():
 
 def test_ttur_gives_each_phase_its_learning_rate():
     make = optimizer_factory(OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-4,
-                                               "betas": [0.0, 0.9], "lr_D": 4e-4, "lr_G": None}))
+                                               "betas": [0.0, 0.9], "lr_D": 4e-4, "lr_G": None}),
+                             torch.device("cpu"))
     model = gan()
     d, g = make("D", model.D.parameters()), make("G", model.G.parameters())
     assert d.param_groups[0]["lr"] == 4e-4 and g.param_groups[0]["lr"] == 2e-4

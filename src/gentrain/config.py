@@ -36,6 +36,39 @@ def _positive(cfg: DictConfig, key: str, integer: bool = True) -> None:
         raise GentrainError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
+def _one_of(cfg: DictConfig, key: str, choices: tuple = (True, False)) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not any(value is c if isinstance(c, bool) else value == c for c in choices):
+        raise GentrainError(f"{key} must be one of {'|'.join(str(c).lower() for c in choices)}, got {value!r}")
+
+
+def check_fast(cfg: DictConfig, device, processes: int) -> None:
+    """The data path's and the fast step's switches (gentrain.data, gentrain.fast)."""
+    t = cfg.trainer
+    _one_of(cfg, "trainer.channels_last", ("auto", True, False))
+    _one_of(cfg, "trainer.compile")
+    _one_of(cfg, "trainer.cuda_graphs")
+    if "on_device" in cfg.dataset:  # image datasets
+        _one_of(cfg, "dataset.on_device", ("auto", True, False))
+        _one_of(cfg, "dataset.hflip")
+    workers = cfg.dataset.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise GentrainError(f"dataset.workers must be an integer >= 0, got {workers!r}")
+    if not t.cuda_graphs:
+        return
+    # A captured step replays the same kernels on the same shapes, and nothing in it may wait for the host.
+    if device.type != "cuda":
+        raise GentrainError("trainer.cuda_graphs=true needs a CUDA GPU; leave it off on the CPU")
+    if t.precision == "fp16":
+        raise GentrainError("trainer.cuda_graphs=true cannot capture fp16's GradScaler, which checks for overflow "
+                            "on the host; use trainer.precision=bf16 or fp32")
+    if processes > 1:
+        raise GentrainError("trainer.cuda_graphs=true runs in one process; with trainer.devices > 1 leave it off")
+    if cfg.model.family == "gan" and cfg.model.get("r1", 0) > 0 and cfg.model.get("r1_every", 1) > 1:
+        raise GentrainError(f"trainer.cuda_graphs=true replays the same step every step, and lazy R1 "
+                            f"(model.r1_every={cfg.model.r1_every}) differs between steps; set model.r1_every=1")
+
+
 def check_train(cfg: DictConfig) -> None:
     """Reject values that would fail later, or silently train something else, with one clear line."""
     missing = [f"{g}.{k}" for g in ("dataset", "model", "trainer", "optim")
@@ -81,6 +114,8 @@ def check_train(cfg: DictConfig) -> None:
     if cfg.trainer.sync_bn and processes > 1 and device.type != "cuda":
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
+
+    check_fast(cfg, device, processes)
 
     target = str(cfg.optim.get("_target_", ""))
     if not target.startswith("torch.optim."):

@@ -1,8 +1,9 @@
-"""Datasets decoded once into uint8 image tensors (or drawn as 2-D points for the toy benchmarks),
-and the deterministic batch order the loop draws from."""
+"""Datasets decoded once into uint8 image tensors (or drawn as 2-D points for the toy benchmarks), image
+folders too large to hold streamed from disk, and the deterministic batch order the loop draws from."""
 
 import contextlib
 import io
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class ImageData:
     labels: torch.Tensor | None   # (N,) int64, or None for an unlabelled folder
     num_classes: int = 0
 
+    def __len__(self) -> int:
+        return len(self.images)
+
     @property
     def points(self) -> bool:
         return self.images.ndim == 2
@@ -87,13 +91,44 @@ class ImageData:
         return 0 if self.points else self.images.shape[-1]
 
 
-def load(dataset_cfg, split: str = "train") -> ImageData:
-    """The images of a dataset config's split, resized to dataset.image_size."""
+@dataclass
+class ImageFiles(torch.utils.data.Dataset):
+    """An image folder read from disk batch by batch, by DataLoader workers: for folders too large to hold
+    decoded in memory (or dataset.on_device=false). Item i is file i decoded exactly as an in-memory
+    folder decodes it; with skip_bad, a file that cannot be decoded stands in for by the next one that can."""
+
+    files: list[Path]
+    channels: int
+    image_size: int
+    background: str
+    skip_bad: bool
+    labels = None
+    num_classes = 0
+    points = False
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        for j in range(i, i + (len(self.files) if self.skip_bad else 1)):
+            path = self.files[j % len(self.files)]
+            try:
+                return decode_file(path, self.channels, self.background, self.image_size)
+            except Exception as e:  # PIL raises many types for broken files
+                error = GentrainError(f"{path} cannot be decoded ({type(e).__name__}); fix or remove it, "
+                                      f"or set dataset.skip_bad=true")
+        raise error
+
+
+def load(dataset_cfg, split: str = "train", streamable: bool = False) -> ImageData | ImageFiles:
+    """The images of a dataset config's split, resized to dataset.image_size. With `streamable` (training),
+    an image folder that dataset.on_device keeps off the device, or that is too large to hold decoded in
+    memory, comes back as ImageFiles to stream from disk."""
     name = dataset_cfg.name
     if name in TOY:
         return _load_toy(dataset_cfg, split)
     if name == "folder":
-        return _load_folder(dataset_cfg)
+        return _load_folder(dataset_cfg, streamable)
     if name not in TORCHVISION:
         raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join([*TORCHVISION, 'folder', *TOY])}")
     size = dataset_cfg.image_size
@@ -123,7 +158,9 @@ def _load_torchvision(name: str, root: Path, split: str, download: bool) -> Imag
     return ImageData(images.contiguous(), labels, num_classes=len(ds.classes))
 
 
-def _decode(path: Path, channels: int, background: str, size: int) -> torch.Tensor:
+def decode_file(path: Path, channels: int, background: str, size: int) -> torch.Tensor:
+    """One image file as uint8 (channels, size, size), resized on the shorter side and centre-cropped. PIL
+    decodes it: torchvision 0.29 deprecates its own decoders, and PIL reads every format listed above."""
     with Image.open(path) as img:
         img.load()
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -136,7 +173,17 @@ def _decode(path: Path, channels: int, background: str, size: int) -> torch.Tens
         return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size))
 
 
-def _load_folder(cfg) -> ImageData:
+def host_budget() -> int:
+    """Bytes of decoded images gentrain holds in host memory: half of what the system has available."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = 8 * 2**30
+    return available // 2
+
+
+def _load_folder(cfg, streamable: bool = False) -> ImageData | ImageFiles:
     if cfg.root is None or not Path(str(cfg.root)).expanduser().is_dir():
         raise GentrainError(f"dataset.root={cfg.root} is not a folder; point it at a folder of images")
     root = Path(str(cfg.root)).expanduser()
@@ -144,13 +191,19 @@ def _load_folder(cfg) -> ImageData:
         raise GentrainError(f"dataset.channels must be 1 or 3 and dataset.background white or black, "
                             f"got {cfg.channels!r} and {cfg.background!r}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    log.info("decoding %d image files under %s", len(files), root)
     if not files:
         raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    decoded = len(files) * cfg.channels * cfg.image_size ** 2
+    on_device = on_device_setting(cfg)
+    if streamable and (on_device is False or (on_device == "auto" and decoded > host_budget())):
+        log.info("streaming %d image files under %s from disk (%.1f GiB decoded; dataset.on_device=%s)",
+                 len(files), root, decoded / 2**30, str(on_device).lower())
+        return ImageFiles(files, cfg.channels, cfg.image_size, cfg.background, cfg.skip_bad)
+    log.info("decoding %d image files under %s", len(files), root)
     images, bad = [], []
     for path in files:
         try:
-            images.append(_decode(path, cfg.channels, cfg.background, cfg.image_size))
+            images.append(decode_file(path, cfg.channels, cfg.background, cfg.image_size))
         except Exception as e:  # PIL raises many types for broken files
             bad.append((path, e))
     if bad and (not cfg.skip_bad or not images):
@@ -160,34 +213,101 @@ def _load_folder(cfg) -> ImageData:
     return ImageData(torch.stack(images), None)
 
 
+def on_device_setting(cfg) -> str | bool:
+    """dataset.on_device: auto | true | false (configs from before the key: auto)."""
+    value = cfg.get("on_device", "auto")
+    if value not in ("auto", True, False):
+        raise GentrainError(f"dataset.on_device must be auto, true or false, got {value!r}")
+    return value
+
+
+def hold(images: torch.Tensor, device: torch.device, on_device: str | bool) -> torch.Tensor:
+    """Where a decoded dataset sits while training: on the GPU when dataset.on_device=true, or (auto) when it
+    takes at most a quarter of the GPU's free memory; otherwise in pinned host memory, so a batch's copy
+    does not block. On a CPU the images stay where they are."""
+    if device.type != "cuda":
+        return images
+    free = torch.cuda.mem_get_info(device)[0]
+    if on_device is True and images.nbytes > free:
+        raise GentrainError(f"dataset.on_device=true: the decoded images take {images.nbytes / 2**30:.1f} GiB and the "
+                            f"GPU has {free / 2**30:.1f} GiB free; use dataset.on_device=auto or false")
+    if on_device is True or (on_device == "auto" and images.nbytes <= free // 4):
+        return images.to(device)
+    return images.pin_memory()
+
+
 class Batches:
     """Shuffled batches, one epoch after another, dropping the last partial batch.
 
     Batch `step` is a pure function of (seed, step), so a resumed run draws exactly the batches the
-    uninterrupted run would have. The uint8 images sit on the training device when they fit, so a
-    batch costs one gather and one conversion, and no loader workers. A batch is (x, y): images in
-    [-1, 1] (or points) and their labels, None for unlabelled data. Under torchrun, batch_size is the
-    global batch and each rank gets its own rows of it (gentrain.dist).
+    uninterrupted run would have, whichever way the images arrive (see `hold`):
+    - held on the GPU as uint8: a batch is one gather and one conversion there, with no loader workers;
+    - held in pinned host memory: gathered there and copied to the GPU without blocking;
+    - streamed (ImageFiles): DataLoader workers decode the files of the coming steps ahead of the loop.
+    A batch is (x, y): images in [-1, 1] (or points), each mirrored left-right with probability 1/2 under
+    dataset.hflip, and their labels, None for unlabelled data. Under torchrun, batch_size is the global
+    batch and each rank gets its own rows of it (gentrain.dist).
     """
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device):
-        n = len(data.images)
+    def __init__(self, data: ImageData | ImageFiles, batch_size: int, seed: int, device: torch.device,
+                 on_device: str | bool = "auto", hflip: bool = False, workers: int = 4):
+        n = len(data)
         if batch_size > n:
             raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
-        on_device = device.type == "cpu" or data.images.nbytes < 2**31
-        self.images = data.images.to(device) if on_device else data.images.pin_memory()
-        self.labels = None if data.labels is None else data.labels.to(self.images.device)
-        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.n, self.batch_size, self.seed, self.device, self.hflip = n, batch_size, seed, device, hflip
         self.rows = dist.local_rows(batch_size)
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
+        if isinstance(data, ImageFiles):
+            self.files, self.workers, self.images, self.labels = data, workers, None, None
+            self._last, self._it = (None, None), None
+            self.where = f"streamed from disk by {workers} DataLoader workers"
+        else:
+            self.images = hold(data.images, device, on_device)
+            self.labels = None if data.labels is None else data.labels.to(self.images.device)
+            self.where = "in pinned host memory" if self.images.is_pinned() else f"in {self.images.device} memory"
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def order(self, step: int) -> torch.Tensor:
+        """The dataset indices of this rank's rows of batch `step`."""
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rows]
-        x = self.images[idx].to(self.device, non_blocking=True)
-        y = None if self.labels is None else self.labels[idx].to(self.device, non_blocking=True)
-        return (to_signed(x) if x.dtype == torch.uint8 else x), y
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            if self.images is not None and self.images.is_cuda:
+                perm = perm.pin_memory().to(self.images.device, non_blocking=True)
+            self._epoch, self._perm = epoch, perm
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size][self.rows]
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.images is None:
+            x, y = self._streamed(step), None
+        else:
+            idx = self.order(step)
+            x, y = self.images[idx], None if self.labels is None else self.labels[idx]
+            if self.images.is_pinned():
+                x, y = x.pin_memory(), None if y is None else y.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        y = None if y is None else y.to(self.device, non_blocking=True)
+        if x.dtype != torch.uint8:  # 2-D points
+            return x, y
+        x = to_signed(x)
+        if self.hflip:
+            flip = dist.per_example(lambda m: torch.rand(m, device=x.device) < 0.5, len(x))
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+    def _streamed(self, step: int) -> torch.Tensor:
+        """Batch `step` from the DataLoader, whose batch sampler walks the same order from the step asked for."""
+        if self._last[0] == step:  # asked again (reals.png reads batch 0 before step 0 trains on it)
+            return self._last[1]
+        if self._it is None or self._last[0] != step - 1:
+            steps = (self.order(k).tolist() for k in itertools.count(step))
+            loader = torch.utils.data.DataLoader(self.files, batch_sampler=steps, num_workers=self.workers,
+                                                 pin_memory=self.device.type == "cuda",
+                                                 prefetch_factor=4 if self.workers else None)
+            self._it = iter(loader)
+        try:
+            x = next(self._it)
+        except GentrainError as e:  # raised in a worker: its message is the last line of the report
+            raise GentrainError(str(e).strip().splitlines()[-1].split("GentrainError: ", 1)[-1]) from None
+        self._last = (step, x)
+        return x

@@ -1,6 +1,7 @@
 """The training loop shared by every model family.
 
-It owns devices, mixed precision, optimizer steps, logging, sample grids and checkpoints. A family
+It owns devices, mixed precision, the fast path (gentrain.fast), optimizer steps, logging, sample grids and
+checkpoints. A family
 supplies `phases` and `loss(phase, x, y, step)` (GAN: "D" d_steps times, then "G"; VAE: "vae"); the
 loop runs each phase with its own optimizer, calls the model's `after_step(phase, step)` hook if it
 has one (WGAN clipping, EMA), and knows nothing else about the model. Under torchrun each rank runs
@@ -21,8 +22,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gentrain import GentrainError, Interrupted, checkpoint, dist
-from gentrain.data import Batches, ImageData
+from gentrain import GentrainError, Interrupted, checkpoint, dist, fast
+from gentrain.data import Batches, ImageData, ImageFiles
 from gentrain.models import grid_codes
 
 log = logging.getLogger("gentrain")
@@ -102,7 +103,7 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir: Path, device: torch.device,
+def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimizer, run_dir: Path, device: torch.device,
           ckpt: dict | None = None, evaluate=None, best_by: tuple[str, bool] | None = None):
     """Train `model` on `device` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt`
     resumes.
@@ -121,7 +122,8 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
 
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device).train()
+    layout = torch.channels_last if fast.channels_last(t.channels_last, device, data.points) else torch.contiguous_format
+    model.to(device, memory_format=layout).train()
     phases = dict.fromkeys(model.phases)  # each phase once, in order: one optimizer each
     optimizers = {p: make_optimizer(p, model.phase_parameters(p)) for p in phases}
     # fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
@@ -150,8 +152,12 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         if device.type == "cuda" and ckpt["rng"]["cuda"]:  # the training GPU's state; all ranks share it
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
     dist.broadcast_(model)
+    if t.compile:
+        fast.compile_networks(model)
 
-    batches = Batches(data, t.batch_size, cfg.seed, device)
+    d = cfg.dataset
+    batches = Batches(data, t.batch_size, cfg.seed, device, d.get("on_device", "auto"), d.get("hflip", False),
+                      d.get("workers", 4))
     # One fixed noise batch for every sample grid, so grids over training show the same latents
     # (a conditional model's grid has one class per row).
     fixed_z, fixed_y, nrow = grid_codes(model, t.n_samples, torch.Generator().manual_seed(cfg.seed))
@@ -205,35 +211,50 @@ def train(cfg, model: torch.nn.Module, data: ImageData, make_optimizer, run_dir:
         else:
             checkpoint.save(state, ckpt_dir / "last.pt", also=ckpt_dir / f"step_{done:07d}.pt" if keep else None)
 
+    def train_step(inputs: list[tuple], step: int | torch.Tensor) -> list[tuple]:
+        """One training step: every phase run on its batch with its own optimizer; each run's detached
+        loss and logged numbers."""
+        out = []
+        for phase, (x, y) in zip(model.phases, inputs):
+            # Only this phase's parameters collect gradients (G's step does not fill D's .grad).
+            model.requires_grad_(False)
+            for p in model.phase_parameters(phase):
+                p.requires_grad_(True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                                cache_enabled=not t.cuda_graphs):  # a graph cannot hold autocast's weight cache
+                loss, stats = model.loss(phase, x, y, step)
+            optimizers[phase].zero_grad(set_to_none=True)
+            scalers[phase].scale(loss).backward()
+            dist.average_gradients(model.phase_parameters(phase))
+            scalers[phase].step(optimizers[phase])
+            scalers[phase].update()
+            if after_step is not None:
+                after_step(phase, step)
+            out.append((loss.detach(), stats))
+        return out
+
+    graph = fast.StepGraph(train_step, device) if t.cuda_graphs else None
     t0 = tick = time.perf_counter()
     tick_step, shown = step, {}  # shown: the progress bar's latest numbers
     bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
     with _StopOnSignal() as stop, logging_redirect_tqdm():
-        what = f"{len(data.images)} points" if data.points else \
-            f"{len(data.images)} images, {data.image_size}x{data.image_size}"
+        what = f"{len(data)} points" if data.points else f"{len(data)} images, {data.image_size}x{data.image_size}"
         where = f"{dist.world_size()} processes ({device.type}, global batch {t.batch_size})" \
             if dist.world_size() > 1 else device
-        log.info("training %s on %s (%s) on %s%s, from step %d to %d, run folder %s", cfg.model.family,
-                 cfg.dataset.name, what, where, f" with {amp_dtype}" if amp_dtype else "", step, t.steps, run_dir)
+        how = [str(amp_dtype) if amp_dtype else "", "channels_last" if layout is torch.channels_last else "",
+               "torch.compile" if t.compile else "", "CUDA graphs" if graph else ""]
+        log.info("training %s on %s (%s, %s) on %s%s, from step %d to %d, run folder %s", cfg.model.family,
+                 cfg.dataset.name, what, batches.where, where, "".join(f" with {h}" for h in how if h), step,
+                 t.steps, run_dir)
         while step < t.steps:
-            runs = dict.fromkeys(phases, 0)
+            # A phase that runs r times per step reads batches step * draws + 0 .. r - 1.
+            runs, inputs = dict.fromkeys(phases, 0), []
             for phase in model.phases:
                 x, y = batches(step * draws + runs[phase])
+                inputs.append((x.contiguous(memory_format=layout) if x.ndim == 4 else x, y))
                 runs[phase] += 1
-                # Only this phase's parameters collect gradients (G's step does not fill D's .grad).
-                model.requires_grad_(False)
-                for p in model.phase_parameters(phase):
-                    p.requires_grad_(True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, stats = model.loss(phase, x, y, step)
-                optimizers[phase].zero_grad(set_to_none=True)
-                scalers[phase].scale(loss).backward()
-                dist.average_gradients(model.phase_parameters(phase))
-                scalers[phase].step(optimizers[phase])
-                scalers[phase].update()
-                if after_step is not None:
-                    after_step(phase, step)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            for loss, stats in (graph or train_step)(inputs, step):
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 for k, v in stats.items():  # a number's mean over the runs that reported it (R1 is lazy)
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
                     counts[k] = counts.get(k, 0) + 1

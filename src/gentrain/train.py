@@ -1,5 +1,7 @@
 """`gentrain [overrides]`: build the objects a run needs from its config, then hand them to the loop."""
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -43,13 +45,22 @@ def with_defaults(merged: DictConfig, cfg: DictConfig) -> DictConfig:
     return merged
 
 
-def optimizer_factory(optim_cfg: DictConfig):
+def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: bool = False):
     """make_optimizer(phase, params): one optimizer per phase from the `optim` partial. A key
     optim.lr_<phase> (lr_D, lr_G) gives that phase its own learning rate: the two time-scale update
-    rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019)."""
+    rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019).
+
+    On a GPU, an optimizer that has torch's fused kernel (Adam, AdamW, SGD) uses it, one launch for all
+    of a phase's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
+    its state on the device, as a captured step needs."""
     cfg = OmegaConf.to_container(optim_cfg, resolve=True)
     per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
     make = instantiate(cfg, _convert_="all")
+    accepts = inspect.signature(make.func).parameters
+    if device.type == "cuda" and "fused" in accepts and "fused" not in cfg:
+        make = functools.partial(make, fused=True)
+    if capturable and "capturable" in accepts:
+        make = functools.partial(make, capturable=True)
 
     def make_optimizer(phase: str, params):
         return make(params) if per_phase.get(phase) is None else make(params, lr=per_phase[phase])
@@ -131,10 +142,10 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: dict | Non
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank() == 0
     if main_rank:  # rank 0 first: a dataset it downloads is there for the others
-        train_data = data.load(cfg.dataset, split="train")
+        train_data = data.load(cfg.dataset, split="train", streamable=True)
     dist.barrier()
     if not main_rank:
-        train_data = data.load(cfg.dataset, split="train")
+        train_data = data.load(cfg.dataset, split="train", streamable=True)
     model = models.build(cfg.model, train_data.channels, train_data.image_size, train_data.num_classes)
     evaluate = best_by = None
     if cfg.trainer.eval_every and main_rank:
@@ -143,4 +154,5 @@ def train(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: dict | Non
         evaluate = Evaluator(cfg.metrics, cfg.dataset, cfg.model.family, cfg.trainer.eval_n, cfg.seed,
                              device, nll_n=cfg.trainer.eval_n)
         best_by = evaluate.key(cfg.trainer.eval_metric)
-    loop.train(cfg, model, train_data, optimizer_factory(cfg.optim), run_dir, device, ckpt, evaluate, best_by)
+    make_optimizer = optimizer_factory(cfg.optim, device, capturable=cfg.trainer.cuda_graphs)
+    loop.train(cfg, model, train_data, make_optimizer, run_dir, device, ckpt, evaluate, best_by)

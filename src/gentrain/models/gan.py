@@ -5,10 +5,11 @@ chosen by the model config; the architectures are DCGAN (models/nets.py), SNGAN'
 (models/resnet.py) and an MLP for 2-D toy data.
 """
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from torch.optim.swa_utils import AveragedModel
 
 from gentrain import GentrainError
 from gentrain.dist import per_example
@@ -40,17 +41,33 @@ class Projection(nn.Module):
         return out if self.embed is None else out + (self.embed(y) * h).sum(1, keepdim=True)
 
 
-def ema_with_warmup(decay: float):
-    """EMA of G's weights (Karras et al. 2018, Sec. 5; Yazici et al. 2019) whose decay ramps up as
-    min(decay, (1 + n) / (10 + n)) over the first updates, so early weights are not averaged in for
-    long; n counts the updates so far (AveragedModel's n_averaged, saved in the checkpoint)."""
+class EMA(nn.Module):
+    """An EMA of G's weights (Karras et al. 2018, Sec. 5; Yazici et al. 2019) whose decay ramps up as
+    min(decay, (1 + n) / (10 + n)) over the first n updates, so early weights are not averaged in for long;
+    the first update copies G. Buffers (batch-norm statistics) are copied from G, not averaged.
+
+    The count n stays on the device and nothing is read back, so an update costs no host sync and can be
+    captured in a CUDA graph (torch's AveragedModel reads n on the host each update). The state-dict keys
+    are AveragedModel's, module.* and n_averaged, so checkpoints written with it load."""
+
+    def __init__(self, G: nn.Module, decay: float):
+        super().__init__()
+        self.module, self.decay = copy.deepcopy(G).requires_grad_(False), decay
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, *args):
+        return self.module(*args)
 
     @torch.no_grad()
-    def update(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        beta = torch.clamp((1 + n) / (10 + n), max=decay).to(ema[0].dtype)
-        torch._foreach_lerp_(ema, current, 1 - beta)
-
-    return update
+    def update(self, G: nn.Module) -> None:
+        n = self.n_averaged.float()
+        beta = torch.where(n == 0, 0.0, ((1 + n) / (10 + n)).clamp(max=self.decay))
+        ema = list(self.module.parameters())
+        torch._foreach_mul_(ema, beta)
+        torch._foreach_add_(ema, torch._foreach_mul(list(G.parameters()), 1 - beta))
+        for mine, theirs in zip(self.module.buffers(), G.buffers()):
+            mine.copy_(theirs)
+        self.n_averaged += 1
 
 
 class GAN(nn.Module):
@@ -106,7 +123,7 @@ class GAN(nn.Module):
             for m in list(self.D.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
                     spectral_norm(m)
-        self.G_ema = AveragedModel(self.G, multi_avg_fn=ema_with_warmup(ema)).requires_grad_(False) if ema else None
+        self.G_ema = EMA(self.G, ema) if ema else None
         self.use_ema = bool(ema)  # sampling reads G_ema; `ema=false` at sample/eval time reads G
 
     def phase_parameters(self, phase: str):
@@ -143,14 +160,16 @@ class GAN(nn.Module):
                 stats = {"D(x)": torch.sigmoid(real).mean(), "D(G(z))": torch.sigmoid(fake_out).mean()}
             else:
                 stats = {"D/real": real.mean(), "D/fake": fake_out.mean()}
+            # The penalties differentiate D's input gradient, a second backward that compiled networks
+            # (trainer.compile) do not support: they run D's plain forward.
             if self.loss_name == "wgan_gp":
-                gp = losses.gradient_penalty(self.D, real_in, fake_in, *cond)
+                gp = losses.gradient_penalty(self.D.forward, real_in, fake_in, *cond)
                 loss = loss + self.gp * gp
                 stats["D/gp"] = gp
-            if self.r1 and step % self.r1_every == 0:
+            if self.r1 and (self.r1_every == 1 or step % self.r1_every == 0):
                 # Lazy regularisation (Karras et al. 2020, Sec. 3.1): the penalty every r1_every steps,
                 # scaled by r1_every so its average weight is unchanged.
-                r1 = losses.r1_penalty(self.D, real_in, *cond)
+                r1 = losses.r1_penalty(self.D.forward, real_in, *cond)
                 loss = loss + 0.5 * self.r1 * self.r1_every * r1
                 stats["D/r1"] = r1
             return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
@@ -165,7 +184,7 @@ class GAN(nn.Module):
             for p in self.D.parameters():
                 p.clamp_(-self.clip, self.clip)
         if phase == "G" and self.G_ema is not None:
-            self.G_ema.update_parameters(self.G)
+            self.G_ema.update(self.G)
 
 
 def check(*, loss, arch, d_steps, d_norm, gp, clip, r1, r1_every, ema, image_size, conditional, num_classes):

@@ -1,0 +1,161 @@
+"""The fast path computes what the plain path computes: channels_last, torch.compile and bf16 against the
+plain fp32 step, the sync-free EMA, CUDA-graph replay, and the benchmark script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, assert_one_line_error
+from gentrain.models import build
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# A GAN step with every part that needs care on the fast path: two optimizers, R1 (a double backward,
+# which compiled graphs do not support) and the EMA of G.
+GAN = ["model=gan", *FAST, "trainer.steps=3", "trainer.device=cpu", "model.r1=0.1", "model.r1_every=1", "model.ema=0.9"]
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_close_runs(a: Path, b: Path, rtol: float, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol), k
+
+
+@pytest.mark.parametrize("switch", ["trainer.channels_last=true", "trainer.compile=true"])
+def test_fast_switches_take_the_plain_steps(gentrain, tmp_path, switch):
+    gentrain(*GAN, f"hydra.run.dir={tmp_path / 'plain'}")
+    proc = gentrain(*GAN, switch, f"hydra.run.dir={tmp_path / 'fast'}", timeout=600)
+    assert ("channels_last" if "channels" in switch else "torch.compile") in proc.stderr + proc.stdout
+    assert_close_runs(tmp_path / "plain", tmp_path / "fast", rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_steps_track_fp32(gentrain, tmp_path):
+    """bf16 autocast rounds each step a little differently, so the runs drift apart weight by weight; the
+    losses they log stay within 2% over the first steps."""
+    args = ["model=vae", *FAST, "trainer.steps=8", "trainer.device=cpu"]
+    gentrain(*args, f"hydra.run.dir={tmp_path / 'fp32'}")
+    gentrain(*args, "trainer.precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
+    records = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    pairs = list(zip(records(tmp_path / "fp32"), records(tmp_path / "bf16")))
+    assert len(pairs) == 4 and pairs[0][0]["vae/loss"] > pairs[-1][0]["vae/loss"]  # it trains
+    for a, b in pairs:
+        assert b["vae/loss"] == pytest.approx(a["vae/loss"], rel=0.02)
+
+
+def test_ema_keeps_the_state_dict_of_torchs_averaged_model():
+    """Checkpoints written when G's EMA was torch's AveragedModel still load."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = build({"family": "gan", "z_dim": 8, "ch": 8, "ema": 0.99}, 1, 28)
+    assert model.G_ema.state_dict().keys() == AveragedModel(model.G).state_dict().keys()
+
+
+def test_cuda_graphs_need_a_gpu(gentrain):
+    assert_one_line_error(gentrain(*GAN, "trainer.cuda_graphs=true", check=False), "trainer.cuda_graphs=true needs a CUDA GPU")
+    assert_one_line_error(gentrain(*GAN, "trainer.compile=maybe", check=False), "trainer.compile must be one of true|false")
+
+
+def test_benchmark_runs_on_cpu_and_counts_the_classic_dcgan_flops(data_root, tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    # The classic DCGAN-64 step (pytorch/examples dcgan) costs 2.44 GFLOP per image; gentrain's step draws
+    # G's fakes again for G's phase, a forward pass of G more.
+    cfg = benchmark.config([*benchmark.ROWS["dcgan64_b64"], f"dataset.root={data_root}"])
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build(cfg.model, 1, 64)
+    classic = benchmark.flops_per_image(benchmark.classic_step(model, cpu), torch.rand(4, 1, 64, 64) * 2 - 1)
+    assert classic == pytest.approx(2.44e9, rel=0.01)
+    assert classic < benchmark.gentrain_flops(cfg, cpu) < 1.2 * classic
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--json", str(out)],
+                          env={**os.environ, "GENTRAIN_DATA": str(data_root)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [(r["row"], r["impl"]) for r in results] == [(row, impl) for row in ("dcgan64_b64", "gan28", "vae28")
+                                                        for impl in ("reference", "gentrain default")]
+    assert all(r["img_per_s"] > 0 and len(r["windows"]) == 2 for r in results)
+    assert proc.stdout.count("| dcgan64_b64 |") == 2 and "vs reference" in proc.stdout
+
+
+@cuda
+def test_a_step_reads_nothing_back_from_the_gpu():
+    """No host sync in a step that does not log: the families' losses, fused Adam, the EMA update and the
+    batch gather run with torch's sync debugging set to raise."""
+    from gentrain.data import Batches, ImageData
+
+    device = torch.device("cuda")
+    data = ImageData(torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (256,)), 10)
+    batches = Batches(data, 32, 0, device)
+    for cfg in ({"family": "gan", "ch": 16, "ema": 0.99, "r1": 0.1, "r1_every": 1},
+                {"family": "vae", "ch": 16, "kl_warmup_steps": 10, "binarize": True}):
+        model = build(cfg, 1, 28).to(device)
+        optimizers = {p: torch.optim.Adam(model.phase_parameters(p), fused=True) for p in model.phases}
+        batches(0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(2):
+                for phase in model.phases:
+                    x, y = batches(step)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss, stats = model.loss(phase, x, y, step)
+                    optimizers[phase].zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizers[phase].step()
+                    if hasattr(model, "after_step"):
+                        model.after_step(phase, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_step_graph_replays_the_eager_steps():
+    from gentrain.fast import StepGraph
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(8, 1).cuda()
+        return net, torch.optim.Adam(net.parameters(), lr=0.1, capturable=True)
+
+    def step_fn(net, opt):
+        def step(inputs, t):
+            (x, y), = inputs
+            loss = (net(x).squeeze(1) - y).pow(2).mean() * (1 + 0 * t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return [(loss.detach(), {})]
+        return step
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    data = [(torch.randn(16, 8, device="cuda", generator=g), torch.randn(16, device="cuda", generator=g)) for _ in range(8)]
+    eager, graphed = make(), make()
+    eager_step, graph = step_fn(*eager), StepGraph(step_fn(*graphed), torch.device("cuda"), warmup=3)
+    for i, batch in enumerate(data):
+        a, b = eager_step([batch], i)[0][0], graph([batch], i)[0][0]
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), i
+    assert graph.graph is not None  # steps 3.. were replays
+    assert torch.allclose(eager[0].weight, graphed[0].weight, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_graphs_train_and_resume_through_the_cli(gentrain, tmp_path):
+    args = ["model=gan", *FAST, "trainer.device=cuda", "trainer.cuda_graphs=true", "model.ema=0.9"]
+    gentrain(*args, "trainer.steps=8", f"hydra.run.dir={tmp_path / 'run'}")
+    gentrain(f"resume={tmp_path / 'run'}", "trainer.steps=12")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, 13, 2))
+    assert all(torch.isfinite(torch.tensor(r["D/loss"])) for r in records)
