@@ -95,7 +95,7 @@ class ImageData:
 class ImageFiles(torch.utils.data.Dataset):
     """An image folder read from disk batch by batch, by DataLoader workers: for folders too large to hold
     decoded in memory (or dataset.on_device=false). Item i is file i decoded exactly as an in-memory
-    folder decodes it; with skip_bad, a file that cannot be decoded stands in for by the next one that can."""
+    folder decodes it; with skip_bad, a file that cannot be decoded is replaced by the next one that can."""
 
     files: list[Path]
     channels: int

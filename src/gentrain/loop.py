@@ -1,11 +1,11 @@
 """The training loop shared by every model family.
 
-It owns devices, mixed precision, the fast path (gentrain.fast), optimizer steps, logging, sample grids and
-checkpoints. A family
-supplies `phases` and `loss(phase, x, y, step)` (GAN: "D" d_steps times, then "G"; VAE: "vae"); the
-loop runs each phase with its own optimizer, calls the model's `after_step(phase, step)` hook if it
-has one (WGAN clipping, EMA), and knows nothing else about the model. Under torchrun each rank runs
-this same loop on its rows of every batch, with gradients averaged before each step (gentrain.dist).
+It owns devices, mixed precision, the fast path (gentrain.fast), optimizer steps, logging, sample grids
+and checkpoints. A family supplies `phases` and `loss(phase, x, y, step)` (GAN: "D" d_steps times, then
+"G"; VAE: "vae"); the loop runs each phase with its own optimizer, calls the model's
+`after_step(phase, step)` hook if it has one (WGAN clipping, EMA), and knows nothing else about the
+model. Under torchrun each rank runs this same loop on its rows of every batch, with gradients averaged
+before each step (gentrain.dist).
 """
 
 import json
@@ -103,8 +103,8 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
-def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimizer, run_dir: Path, device: torch.device,
-          ckpt: dict | None = None, evaluate=None, best_by: tuple[str, bool] | None = None):
+def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimizer, run_dir: Path,
+          device: torch.device, ckpt: dict | None = None, evaluate=None, best_by: tuple[str, bool] | None = None):
     """Train `model` on `device` for cfg.trainer.steps steps, writing everything into run_dir; `ckpt`
     resumes.
 
@@ -122,7 +122,9 @@ def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimi
 
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    layout = torch.channels_last if fast.channels_last(t.channels_last, device, data.points) else torch.contiguous_format
+    layout = torch.contiguous_format
+    if fast.channels_last(t.channels_last, device, data.points):
+        layout = torch.channels_last
     model.to(device, memory_format=layout).train()
     phases = dict.fromkeys(model.phases)  # each phase once, in order: one optimizer each
     optimizers = {p: make_optimizer(p, model.phase_parameters(p)) for p in phases}
@@ -253,10 +255,11 @@ def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimi
                 x, y = batches(step * draws + runs[phase])
                 inputs.append((x.contiguous(memory_format=layout) if x.ndim == 4 else x, y))
                 runs[phase] += 1
+            # (A CUDA graph's outputs are overwritten by its next replay: the sums are new tensors.)
             for loss, stats in (graph or train_step)(inputs, step):
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 for k, v in stats.items():  # a number's mean over the runs that reported it (R1 is lazy)
-                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+                    sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
                     counts[k] = counts.get(k, 0) + 1
             step += 1
             bar.update(1)
