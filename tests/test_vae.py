@@ -95,3 +95,41 @@ def test_eval_reports_rate_and_distortion_of_a_binarised_vae(gentrain, tmp_path)
 def test_an_iwae_setting_that_cannot_train_is_one_line(gentrain):
     assert_one_line_error(gentrain("model=vae", "model.k=5", "model.beta=4", *FAST, "trainer.steps=2", check=False),
                           "IWAE bound")
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resnet_vae_shapes_and_per_example_independence(size, channels):
+    torch.manual_seed(0)
+    model = build({"family": "vae", "z_dim": 6, "ch": 8, "arch": "resnet"}, channels, size)
+    x = torch.rand(5, channels, size, size) * 2 - 1
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 6)
+    assert model.reconstruct(x).shape == x.shape and model.sample(model.noise(3)).shape == (3, channels, size, size)
+    # no batch norm: an image's code does not depend on the other images of its batch (IWAE, DDP)
+    assert torch.allclose(model.encode(x[:2])[0], mu[:2], atol=1e-6)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.encoder.modules())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_default_arch_keeps_the_state_dict_keys_of_checkpoints_from_before_it():
+    keys = list(vae().state_dict())
+    assert keys == list(vae(arch="conv").state_dict())
+    assert all(k.startswith(("encoder.net.", "decoder.net.")) for k in keys)
+    with pytest.raises(GentrainError, match="model.arch='dcgan' is unknown for model=vae; choose from conv, resnet"):
+        vae(arch="dcgan")
+
+
+def test_resnet_vae_trains_and_a_checkpoint_without_arch_still_samples(gentrain, tmp_path):
+    gentrain("model=vae", "model.arch=resnet", "model.conditional=true", *FAST, "trainer.steps=2",
+             f"hydra.run.dir={tmp_path / 'resnet'}")
+    ckpt = torch.load(tmp_path / "resnet" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["arch"] == "resnet" and any(k.startswith("encoder.0.blocks.") for k in ckpt["model"])
+    gentrain("sample", f"ckpt={tmp_path / 'resnet'}", "mode=reconstruct", "n=8", f"out={tmp_path / 'recon.png'}")
+    # a run from before model.arch existed: its stored model config has no arch key
+    gentrain("model=vae", *FAST, "trainer.steps=2", f"hydra.run.dir={tmp_path / 'conv'}")
+    old = torch.load(tmp_path / "conv" / "checkpoints" / "last.pt", weights_only=True)
+    del old["config"]["model"]["arch"]
+    torch.save(old, tmp_path / "old.pt")
+    gentrain("sample", f"ckpt={tmp_path / 'old.pt'}", "n=4", f"out={tmp_path / 'old.png'}")
+    assert (tmp_path / "old.png").stat().st_size > 0
