@@ -136,6 +136,14 @@ def _decode(path: Path, channels: int, background: str, size: int) -> torch.Tens
         return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size))
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file under root, searched recursively, in sorted order; none is an error."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
 def _load_folder(cfg) -> ImageData:
     if cfg.root is None or not Path(str(cfg.root)).expanduser().is_dir():
         raise GentrainError(f"dataset.root={cfg.root} is not a folder; point it at a folder of images")
@@ -143,10 +151,8 @@ def _load_folder(cfg) -> ImageData:
     if cfg.channels not in (1, 3) or cfg.background not in ("white", "black"):
         raise GentrainError(f"dataset.channels must be 1 or 3 and dataset.background white or black, "
                             f"got {cfg.channels!r} and {cfg.background!r}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(root)
     log.info("decoding %d image files under %s", len(files), root)
-    if not files:
-        raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     images, bad = [], []
     for path in files:
         try:
