@@ -140,3 +140,24 @@ def test_encode_and_decode_help(gentrain, verb, texts):
     out = gentrain(verb, "--help").stdout
     for text in texts:
         assert text in out, text
+
+
+def test_a_conditional_vae_encodes_labelled_splits_and_decodes_with_their_labels(tmp_path, data_root):
+    run = tmp_path / "cvae.pt"
+    model = build({"family": "vae", "z_dim": 4, "ch": 4, "conditional": True}, 1, 28, num_classes=10)
+    checkpoint.save({"family": "vae", "step": 0, "model": model.state_dict(),
+                     "config": {"model": {"family": "vae", "z_dim": 4, "ch": 4, "conditional": True},
+                                "dataset": {"name": "mnist", "image_size": 28, "root": str(data_root)}},
+                     "data": {"channels": 1, "image_size": 28, "num_classes": 10}}, run)
+    encode_images(config("encode", ckpt=run, input="test", n=6, out=tmp_path / "c.pt"))
+    codes = torch.load(tmp_path / "c.pt", weights_only=True)
+    labels = data.load(OmegaConf.create({"name": "mnist", "root": str(data_root), "image_size": 28}), "test").labels[:6]
+    assert torch.equal(codes["labels"], labels)
+    decode_codes(config("decode", input=tmp_path / "c.pt", out=tmp_path / "out"))
+    with torch.no_grad():
+        expected = data.to_uint8(model.decode(codes["codes"], labels))
+    assert (pngs(tmp_path / "out").int() - expected.int()).abs().max() <= 1
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "out" / "000000.png").rename(tmp_path / "imgs" / "a.png")
+    with pytest.raises(GentrainError, match="a conditional VAE's code is read with the image's class"):
+        encode_images(config("encode", ckpt=run, input=tmp_path / "imgs"))

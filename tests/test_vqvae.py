@@ -172,12 +172,12 @@ def test_vqvae_trains_logs_and_samples_through_the_cli(gentrain, vqvae_run, tmp_
     ckpt = torch.load(vqvae_run / "checkpoints" / "last.pt", weights_only=True)
     assert set(ckpt["optim"]) == {"vqvae", "prior"} and "ema_count" in ckpt["model"]
     assert (vqvae_run / "samples" / "step_0000150.png").is_file()
-    for mode, n, size in (("grid", 16, (2 + 4 * 30, 2 + 4 * 30)), ("reconstruct", 16, (2 + 8 * 30, 2 + 4 * 30)),
-                          ("interpolate", 20, (2 + 10 * 30, 2 + 2 * 30))):
+    tiles = {"grid": (16, 4, 4), "reconstruct": (16, 8, 4), "interpolate": (20, 10, 2)}  # n, columns, rows
+    for mode, (n, cols, rows) in tiles.items():
         out = tmp_path / f"{mode}.png"
         gentrain("sample", f"ckpt={vqvae_run}", f"mode={mode}", f"n={n}", f"out={out}", env=ONE_THREAD)
         with Image.open(out) as img:
-            assert img.size == size
+            assert img.size == (2 + cols * 30, 2 + rows * 30)  # 28 px tiles, 2 px of padding
     # ancestral sampling from the seeded uniforms repeats exactly; another seed draws other images
     model, _ = load_model(checkpoint.resolve(vqvae_run), torch.device("cpu"))
     draw = lambda seed: generate(model, model.noise(4, torch.Generator().manual_seed(seed)), "cpu", 4)
@@ -191,9 +191,9 @@ def test_vqvae_trains_logs_and_samples_through_the_cli(gentrain, vqvae_run, tmp_
 
 
 def test_a_short_run_reconstructs_test_images_far_better_than_the_mean_image(gentrain, vqvae_run, data_root):
-    """150 steps of 32 images on CPU: the test distortion, -log p(x|z_q) in nats, is under half of what the training set's
-    mean image scores as p(x) for every image, the codes use most of the codebook, and the PixelCNN prior
-    already codes them in fewer bits than log2(K) per cell."""
+    """150 steps of 32 images on CPU: the test distortion, -log p(x|z_q) in nats, is under half of what the
+    training set's mean image scores as p(x) for every image, the codes use most of the codebook, and the
+    PixelCNN prior already codes them in fewer bits than log2(K) per cell."""
     gentrain("eval", f"ckpt={vqvae_run}", "metrics=[nll]", "metrics.nll_n=500", env=ONE_THREAD)
     result = json.loads((vqvae_run / "checkpoints" / "eval.json").read_text())
     m = result["metrics"]

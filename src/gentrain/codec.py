@@ -80,7 +80,8 @@ def load_codes(path) -> dict:
     if not isinstance(codes, dict) or codes.get("format") != FORMAT:
         raise GentrainError(f"{path} is not a gentrain codes file (make one with gentrain encode)")
     if codes.get("version", 0) > VERSION:
-        raise GentrainError(f"{path} was written by a newer gentrain (codes format {codes['version']}); upgrade gentrain")
+        raise GentrainError(f"{path} was written by a newer gentrain (codes format {codes['version']}); "
+                            f"upgrade gentrain")
     return codes
 
 
@@ -125,8 +126,9 @@ def encode_images(cfg: DictConfig) -> None:
     if family == "vqvae":
         bits["fixed_length"] = model.code_bits()
     out = Path(str(cfg.out)).expanduser()
-    result = {"format": FORMAT, "version": VERSION, "family": family, "ckpt": str(path.resolve()), "step": ckpt["step"],
-              "source": source, "files": names, "codes": codes, "labels": labels if model.num_classes else None,
+    result = {"format": FORMAT, "version": VERSION, "family": family, "ckpt": str(path.resolve()),
+              "step": ckpt["step"], "source": source, "files": names, "codes": codes,
+              "labels": labels if model.num_classes else None,
               "image_shape": list(images.shape[1:]), "code_shape": code_shape(model, family),
               "num_codes": model.num_codes if family == "vqvae" else 0, "bits_per_image": bits}
     try:
@@ -144,7 +146,8 @@ def encode_images(cfg: DictConfig) -> None:
     else:
         print(f"codes: the posterior means of {model.z_dim} latent dimensions, stored as float32")
         print(f"bits per image: {rate_bits:.1f} rate, KL(q(z|x) || p(z)) (Alemi et al. 2018: what a code drawn "
-              f"from q costs with bits-back coding); {stored_bits} as stored")
+              f"from q(z|x) costs with bits-back coding; the means stored here are raw floats); "
+              f"{stored_bits} as stored")
 
 
 @torch.no_grad()

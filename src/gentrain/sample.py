@@ -51,7 +51,8 @@ def generate(model, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | 
                       for zb, yb in zip(z.split(batch_size), y.split(batch_size))])
 
 
-def draw_test_images(cfg: DictConfig, ckpt: dict, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_test_images(cfg: DictConfig, ckpt: dict, n: int,
+                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n random test images of the checkpoint's dataset, in [-1, 1], and their labels (None without)."""
     dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
     if cfg.data_root is not None:
@@ -93,7 +94,8 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
             y = y.repeat_interleave(STEPS)
         return generate(model, z, device, cfg.batch_size, y), STEPS
     if not hasattr(model, "reconstruct"):
-        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); this one is a {ckpt['family']}")
+        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); "
+                            f"this one is a {ckpt['family']}")
     x, y = draw_test_images(cfg, ckpt, cfg.n, g)
     y = y.to(device) if model.num_classes else None  # a conditional VAE reads the class too
     bs = cfg.batch_size
