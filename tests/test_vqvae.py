@@ -220,3 +220,17 @@ def test_codebook_loss_variant_trains_through_the_cli(gentrain, tmp_path):
     assert "vqvae/codebook" in records(run)[-1]
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert "codebook" in ckpt["model"] and "ema_count" not in ckpt["model"]
+
+
+def test_bf16_autocast_quantises_in_fp32_and_updates_the_codebook():
+    model = vqvae()
+    before = model.codebook.clone()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = model.loss("vqvae", x)
+        z_e = model.encoder(x)
+        idx = model.quantize(z_e)[0]
+    assert z_e.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert model.codebook.dtype == torch.float32 and not torch.equal(model.codebook, before)
+    flat = z_e.float().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(idx.flatten(), torch.cdist(flat, model.codebook).argmin(1))  # distances in fp32

@@ -99,6 +99,8 @@ class VQVAE(nn.Module):
         # 3x3 blocks here) at the code grid's side, and the mirror image back up; no batch norm.
         self.encoder = ResEncoder(channels, ch, z_dim, DOWN, extra=2)
         self.decoder = ResDecoder(z_dim, ch, likelihoods.out_channels(likelihood, channels, sigma), DOWN, extra=2)
+        # Small codes near the origin to start; the restarts move the ones no vector picks onto the
+        # encoder's outputs.
         codes = torch.empty(num_codes, z_dim).uniform_(-1 / num_codes, 1 / num_codes)
         if self.ema:  # the codebook follows the encoder's outputs (EMA buffers), not a gradient
             self.register_buffer("codebook", codes)
@@ -120,6 +122,7 @@ class VQVAE(nn.Module):
         return torch.rand(n, self.side, self.side, generator=generator, device=device)
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """The pixels the model is scored on (eval's contract with the VAE): the images as they are."""
         return x
 
     def quantize(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
