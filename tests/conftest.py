@@ -82,6 +82,19 @@ def metrics_cache(tmp_path_factory, data_root):
     return cache, classifier
 
 
+@pytest.fixture(scope="session")
+def vqvae_run(tmp_path_factory, data_root) -> Path:
+    """One short VQ-VAE run on MNIST for the VQ-VAE and codec tests: 150 steps of 32 images, about 30 s of
+    training on one CPU thread (one thread: its small tensors gain little from a second, and on a busy
+    machine the second only waits)."""
+    run = tmp_path_factory.mktemp("vqvae") / "run"
+    run_cli(["model=vqvae", "model.ch=32", "model.prior_ch=32", "trainer.steps=150", "trainer.batch_size=32",
+             "trainer.log_every=50", "trainer.sample_every=150", "trainer.ckpt_every=150", "trainer.n_samples=16",
+             "trainer.device=cpu", f"hydra.run.dir={run}"], run.parent, data_root, timeout=900,
+            env={"OMP_NUM_THREADS": "1"})
+    return run
+
+
 def assert_one_line_error(proc, *fragments):
     """A user error: non-zero exit, exactly one line on stderr that names the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout

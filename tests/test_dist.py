@@ -13,6 +13,10 @@ import torch
 from conftest import FAST, assert_one_line_error, start_cli, wait_for_log_lines
 
 VAE = ["model=vae", *FAST, "trainer.steps=6", "trainer.device=cpu"]
+# The VQ-VAE's EMA codebook and its restarts are updated from the global batch (counts and sums all-reduced),
+# and its logged code usage is the global batch's.
+VQVAE = ["model=vqvae", *[a for a in FAST if "sample" not in a], "trainer.sample_every=6", "trainer.n_samples=4",
+         "model.prior_ch=8", "trainer.steps=6", "trainer.device=cpu"]
 # The toy GAN (an MLP without batch norm) with the parts that make GAN steps special: two optimizers,
 # two D steps per G step, the R1 input-gradient penalty and an EMA of G.
 GAN = ["experiment=toy", "dataset=ring8", "trainer.steps=20", "trainer.log_every=5", "trainer.device=cpu",
@@ -40,12 +44,12 @@ def assert_same_run(a, b):
                 assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
 
 
-@pytest.mark.parametrize("args", [VAE, GAN], ids=["vae", "gan"])
-def test_two_processes_take_the_steps_one_process_takes(gentrain, tmp_path, args):
+@pytest.mark.parametrize("family, args", [("vae", VAE), ("gan", GAN), ("vqvae", VQVAE)], ids=["vae", "gan", "vqvae"])
+def test_two_processes_take_the_steps_one_process_takes(gentrain, tmp_path, family, args):
     gentrain(*args, f"hydra.run.dir={tmp_path / 'one'}")
     proc = gentrain(*args, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}")
     assert_same_run(tmp_path / "one", tmp_path / "two")
-    assert proc.stdout.count("[INFO] - training vae" if args is VAE else "[INFO] - training gan") == 1  # rank 0 speaks for the run
+    assert proc.stdout.count(f"[INFO] - training {family} ") == 1  # rank 0 speaks for the run
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one").iterdir())
 

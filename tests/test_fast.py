@@ -105,7 +105,8 @@ def test_a_step_reads_nothing_back_from_the_gpu():
     data = ImageData(torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (256,)), 10)
     batches = Batches(data, 32, 0, device)
     for cfg in ({"family": "gan", "ch": 16, "ema": 0.99, "r1": 0.1, "r1_every": 1},
-                {"family": "vae", "ch": 16, "kl_warmup_steps": 10, "binarize": True}):
+                {"family": "vae", "ch": 16, "kl_warmup_steps": 10, "binarize": True},
+                {"family": "vqvae", "ch": 16, "prior_ch": 16}):
         model = build(cfg, 1, 28).to(device)
         optimizers = {p: torch.optim.Adam(model.phase_parameters(p), fused=True) for p in model.phases}
         batches(0)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error
-from gentrain import GentrainError
+from gentrain import GentrainError, checkpoint
 from gentrain.models import build
 from gentrain.models.vae import kl_per_dim
+from gentrain.sample import load_model
 
 X = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
@@ -95,3 +96,45 @@ def test_eval_reports_rate_and_distortion_of_a_binarised_vae(gentrain, tmp_path)
 def test_an_iwae_setting_that_cannot_train_is_one_line(gentrain):
     assert_one_line_error(gentrain("model=vae", "model.k=5", "model.beta=4", *FAST, "trainer.steps=2", check=False),
                           "IWAE bound")
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resnet_vae_shapes_and_per_example_independence(size, channels):
+    torch.manual_seed(0)
+    model = build({"family": "vae", "z_dim": 6, "ch": 8, "arch": "resnet"}, channels, size)
+    x = torch.rand(5, channels, size, size) * 2 - 1
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 6)
+    assert model.reconstruct(x).shape == x.shape and model.sample(model.noise(3)).shape == (3, channels, size, size)
+    # no batch norm: an image's code does not depend on the other images of its batch (IWAE, DDP)
+    assert torch.allclose(model.encode(x[:2])[0], mu[:2], atol=1e-6)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.encoder.modules())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_default_arch_keeps_the_state_dict_keys_of_checkpoints_from_before_it():
+    keys = list(vae().state_dict())
+    assert keys == list(vae(arch="conv").state_dict())
+    assert all(k.startswith(("encoder.net.", "decoder.net.")) for k in keys)
+    with pytest.raises(GentrainError, match="model.arch='dcgan' is unknown for model=vae; choose from conv, resnet"):
+        vae(arch="dcgan")
+
+
+def test_resnet_vae_trains_through_the_cli(gentrain, tmp_path):
+    gentrain("model=vae", "model.arch=resnet", "model.conditional=true", *FAST, "trainer.steps=2",
+             f"hydra.run.dir={tmp_path}")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["arch"] == "resnet" and any(k.startswith("encoder.0.blocks.") for k in ckpt["model"])
+    model, _ = load_model(tmp_path / "checkpoints" / "last.pt", torch.device("cpu"))
+    assert model.reconstruct(X[:2], torch.tensor([3, 7])).shape == (2, 1, 28, 28)
+
+
+def test_a_checkpoint_from_before_arch_loads_as_the_conv_vae(tmp_path):
+    """A run from before model.arch existed: its stored model config has no arch key."""
+    model_cfg = {"family": "vae", "z_dim": 6, "ch": 8}
+    checkpoint.save({"family": "vae", "step": 1, "model": vae().state_dict(),
+                     "config": {"model": model_cfg, "dataset": {"name": "mnist", "image_size": 28}},
+                     "data": {"channels": 1, "image_size": 28, "num_classes": 0}}, tmp_path / "old.pt")
+    model, _ = load_model(tmp_path / "old.pt", torch.device("cpu"))
+    assert torch.equal(model.decode(torch.zeros(1, 6)), vae().eval().decode(torch.zeros(1, 6)))

@@ -68,20 +68,26 @@ def save(ckpt: dict, path: Path, also: Path | None = None) -> None:
                             f"the previous checkpoint there is intact") from None
 
 
+def read(path: Path, what: str = "gentrain checkpoint"):
+    """torch.load(weights_only=True) of a file that should be a `what`: a file that is not a PyTorch file,
+    is truncated or corrupt, or carries a pickle payload (which is never run) is one GentrainError."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise GentrainError(f"{path} is not a {what} (not a PyTorch file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad CRC, EOF, a pickle payload, ...
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise GentrainError(f"{path} holds Python objects that a {what} never contains; "
+                                f"refusing to load it (nothing in it was run)") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GentrainError(f"cannot read {what} {path}: it is truncated or corrupt ({first})") from None
+
+
 def load(path) -> dict:
     """Read and check a gentrain checkpoint; every way it can be wrong ends in one GentrainError."""
     path = resolve(path)
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise GentrainError(f"{path} is not a gentrain checkpoint (not a PyTorch file)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad CRC, EOF, a pickle payload, ...
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-            raise GentrainError(f"{path} holds Python objects that a gentrain checkpoint never contains; "
-                                f"refusing to load it (nothing in it was run)") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GentrainError(f"cannot read checkpoint {path}: it is truncated or corrupt ({first})") from None
+    ckpt = read(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise GentrainError(f"{path} is not a gentrain checkpoint (a PyTorch file without gentrain's header)")
     if ckpt.get("version", 0) > VERSION:

@@ -3,6 +3,8 @@
     gentrain [overrides]             train (gentrain.train)
     gentrain sample ckpt=PATH ...    draw images from a checkpoint (gentrain.sample)
     gentrain eval ckpt=PATH ...      sample-quality and likelihood metrics (gentrain.evaluate)
+    gentrain encode ckpt=PATH input=DIR|test out=codes.pt   images to codes (gentrain.codec)
+    gentrain decode ckpt=PATH input=codes.pt out=DIR/       codes to images (gentrain.codec)
     gentrain classifier dataset=...  the domain classifier behind the metrics (gentrain.metrics.classifier)
     gentrain plot RUN_DIR            losses and metrics over steps as a PNG (gentrain.plot)
 
@@ -14,7 +16,7 @@ import sys
 
 from gentrain import GentrainError
 
-VERBS = ("train", "sample", "eval", "classifier", "plot")
+VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot")
 
 
 def fail(message: str, code: int = 2):
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         from gentrain.sample import main as task
     elif verb == "eval":
         from gentrain.evaluate import main as task
+    elif verb == "encode":
+        from gentrain.codec import encode as task
+    elif verb == "decode":
+        from gentrain.codec import decode as task
     elif verb == "classifier":
         from gentrain.metrics.classifier import main as task
     else:

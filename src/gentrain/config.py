@@ -12,7 +12,7 @@ from gentrain.models.nets import PLANS
 # The config groups: on resume these cannot change, only keys inside them.
 GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
 # Each family's phases, which name its per-phase learning rates optim.lr_<phase>.
-PHASES = {"gan": ("D", "G"), "vae": ("vae",)}
+PHASES = {"gan": ("D", "G"), "vae": ("vae",), "vqvae": ("vqvae", "prior")}
 
 
 def config_dir() -> Path:

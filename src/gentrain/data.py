@@ -183,6 +183,14 @@ def host_budget() -> int:
     return available // 2
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file under root, searched recursively, in sorted order; none is an error."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
 def _load_folder(cfg, streamable: bool = False) -> ImageData | ImageFiles:
     if cfg.root is None or not Path(str(cfg.root)).expanduser().is_dir():
         raise GentrainError(f"dataset.root={cfg.root} is not a folder; point it at a folder of images")
@@ -190,9 +198,7 @@ def _load_folder(cfg, streamable: bool = False) -> ImageData | ImageFiles:
     if cfg.channels not in (1, 3) or cfg.background not in ("white", "black"):
         raise GentrainError(f"dataset.channels must be 1 or 3 and dataset.background white or black, "
                             f"got {cfg.channels!r} and {cfg.background!r}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise GentrainError(f"no images under {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    files = image_files(root)
     decoded = len(files) * cfg.channels * cfg.image_size ** 2
     on_device = on_device_setting(cfg)
     if streamable and (on_device is False or (on_device == "auto" and decoded > host_budget())):

@@ -113,6 +113,11 @@ def mean(x: torch.Tensor) -> torch.Tensor:
     return _reduced(x, td.ReduceOp.SUM) / world_size()
 
 
+def total(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor every rank holds (counts over the global batch)."""
+    return _reduced(x, td.ReduceOp.SUM)
+
+
 def maximum(x: torch.Tensor) -> torch.Tensor:
     """The largest value over ranks of a tensor every rank holds."""
     return _reduced(x, td.ReduceOp.MAX)

@@ -74,7 +74,7 @@ class Evaluator:
         labelled = dataset_cfg.name in data.TORCHVISION
         toy = dataset_cfg.name in data.TOY
         self.skipped = {}
-        if "nll" in compute and family != "vae":
+        if "nll" in compute and family not in ("vae", "vqvae"):
             self.skipped["nll"] = "needs a VAE" if family else "real images have no model likelihood"
         if "classes" in compute and not labelled and not toy:
             self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
@@ -84,6 +84,9 @@ class Evaluator:
             if m == "modes" and not toy:
                 self.skipped[m] = "needs a 2-D toy dataset (ring8, grid25)"
         self.compute = [m for m in compute if m not in self.skipped]
+        if "nll" in self.compute and family == "vqvae":  # its rate and distortion are still measured
+            self.skipped["nll"] = ("a VQ-VAE's q(z|x) is one code per cell, not a distribution to importance-sample, "
+                                   "so there is no IWAE estimate; its bound is -log p(x) <= distortion + rate")
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
         # Building the feature network (perhaps training it) must not move the global RNG of a
         # training run that is being watched.
@@ -132,7 +135,8 @@ class Evaluator:
         return out
 
     def __call__(self, model) -> dict[str, float]:
-        """Scores of a model: its n seeded samples against the reference, and for a VAE the test ELBO/NLL."""
+        """Scores of a model: its n seeded samples against the reference, and for a VAE the test ELBO/NLL
+        (a VQ-VAE: its rate and distortion)."""
         scored = {}
         if self.space or self.class_space or "modes" in self.compute:
             scored = self.score_images(*draw(model, self.n, self.seed, self.device))
@@ -176,9 +180,12 @@ class Evaluator:
         """Test -ELBO and the IWAE estimate of -log p(x) (Burda et al. 2016, Eq. 8) with k samples, per
         image in nats and per dimension in bits; and the -ELBO's two parts (Alemi et al. 2018): the rate,
         what the code costs in bits per image, and the distortion in nats per image. A binarising model
-        scores the test images binarised once, by the seed."""
+        scores the test images binarised once, by the seed. A VQ-VAE has no samples of z to weigh: its
+        rate is what its codes cost under its PixelCNN prior, beside rate_uniform_bits, their cost at a
+        fixed length of log2(K) bits per cell."""
         k, dims = self.cfg.k, self.test_images[0].numel()
-        sums = {"elbo": [], "iwae": [], "rate": [], "distortion": []}
+        iwae = hasattr(model, "log_weights")
+        sums = {"elbo": [], "iwae": [], "rate": [], "distortion": []} if iwae else {"rate": [], "distortion": []}
         images = self.test_images.split(batch_size)
         labels = self.test_labels.split(batch_size) if model.num_classes else [None] * len(images)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -187,12 +194,17 @@ class Evaluator:
                                disable=None):
                 yb = None if yb is None else yb.to(self.device)
                 x = model.observe(data.to_signed(xb.to(self.device)))
-                log_w = model.log_weights(x, k, y=yb)
-                rate, distortion = model.rate_distortion(x, yb)
-                for key, v in (("elbo", log_w.mean(1)), ("iwae", log_w.logsumexp(1) - math.log(k)),
-                               ("rate", rate), ("distortion", distortion)):
+                values = {}
+                if iwae:
+                    log_w = model.log_weights(x, k, y=yb)
+                    values = {"elbo": log_w.mean(1), "iwae": log_w.logsumexp(1) - math.log(k)}
+                values["rate"], values["distortion"] = model.rate_distortion(x, yb)
+                for key, v in values.items():
                     sums[key].append(v.double().cpu())
         mean = {key: torch.cat(v).mean().item() for key, v in sums.items()}
+        if not iwae:
+            return {"rate_bits": mean["rate"] / math.log(2), "rate_uniform_bits": model.code_bits(),
+                    "distortion": mean["distortion"]}
         nelbo, nll = -mean["elbo"], -mean["iwae"]
         bpd = 1 / (dims * math.log(2))
         return {"nelbo": nelbo, "nll": nll, "nelbo_bpd": nelbo * bpd, "nll_bpd": nll * bpd,
@@ -254,9 +266,9 @@ def main(cfg: DictConfig) -> None:
     result = {"what": what, "ckpt": None if model is None else str(path), "family": family,
               "step": None if model is None else ckpt["step"], "dataset": dataset_cfg.name, "n": cfg.n,
               "seed": cfg.seed, "spaces": evaluator.describe(), "metrics": metrics, "skipped": evaluator.skipped}
-    if "nll" in metrics:
-        result["nll_setup"] = {"k": cfg.metrics.k, "test_images": len(evaluator.test_images),
-                               **protocol(ckpt["config"]["model"])}
+    if "distortion" in metrics:
+        result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),
+                               "test_images": len(evaluator.test_images), **protocol(ckpt["config"]["model"])}
     print(table(result))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,17 @@ def generate(model, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | 
                       for zb, yb in zip(z.split(batch_size), y.split(batch_size))])
 
 
+def draw_test_images(cfg: DictConfig, ckpt: dict, n: int,
+                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n random test images of the checkpoint's dataset, in [-1, 1], and their labels (None without)."""
+    dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
+    if cfg.data_root is not None:
+        dataset_cfg.root = cfg.data_root
+    test = data.load(dataset_cfg, split="test")
+    pick = torch.randperm(len(test.images), generator=g)[:n]
+    return data.to_signed(test.images[pick]), None if test.labels is None else test.labels[pick]
+
+
 @torch.no_grad()
 def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor, int | None]:
     """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
@@ -65,6 +76,14 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
     if cfg.mode == "grid":
         z, y, nrow = grid_codes(model, cfg.n, g, label)
         return generate(model, z, device, cfg.batch_size, y), cfg.nrow or nrow
+    if cfg.mode == "interpolate" and hasattr(model, "interpolate"):
+        # A VQ-VAE's codes are discrete, with nothing between two of them: it interpolates the encoder's
+        # continuous outputs between pairs of test images instead, quantising every step.
+        rows = max(1, cfg.n // STEPS)
+        x = draw_test_images(cfg, ckpt, 2 * rows, g)[0]
+        t = torch.linspace(0, 1, STEPS)
+        return torch.cat([model.interpolate(a.to(device), b.to(device), t.to(device)).cpu()
+                          for a, b in zip(x[:rows].split(cfg.batch_size), x[rows:].split(cfg.batch_size))]), STEPS
     if cfg.mode == "interpolate":
         rows = max(1, cfg.n // STEPS)
         a, b = model.noise(rows, generator=g)[:, None], model.noise(rows, generator=g)[:, None]
@@ -75,14 +94,10 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
             y = y.repeat_interleave(STEPS)
         return generate(model, z, device, cfg.batch_size, y), STEPS
     if not hasattr(model, "reconstruct"):
-        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint; this one is a {ckpt['family']}")
-    dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
-    if cfg.data_root is not None:
-        dataset_cfg.root = cfg.data_root
-    test = data.load(dataset_cfg, split="test")
-    pick = torch.randperm(len(test.images), generator=g)[:cfg.n]
-    x = data.to_signed(test.images[pick])
-    y = test.labels[pick].to(device) if model.num_classes else None  # a conditional VAE reads the class too
+        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); "
+                            f"this one is a {ckpt['family']}")
+    x, y = draw_test_images(cfg, ckpt, cfg.n, g)
+    y = y.to(device) if model.num_classes else None  # a conditional VAE reads the class too
     bs = cfg.batch_size
     recon = torch.cat([model.reconstruct(x[i:i + bs].to(device), None if y is None else y[i:i + bs]).cpu()
                        for i in range(0, len(x), bs)])

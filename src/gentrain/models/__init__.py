@@ -8,10 +8,11 @@ from torch import nn
 from gentrain import GentrainError
 from gentrain.models.gan import GAN
 from gentrain.models.vae import VAE
+from gentrain.models.vqvae import VQVAE
 
 # A checkpoint names its family by one of these keys; rebuilding a model never imports a
 # class path read from a file.
-FAMILIES = {"gan": GAN, "vae": VAE}
+FAMILIES = {"gan": GAN, "vae": VAE, "vqvae": VQVAE}
 
 
 def build(model_cfg: dict, channels: int, image_size: int, num_classes: int = 0) -> nn.Module:

@@ -1,6 +1,8 @@
-"""SNGAN's ResNet generator and discriminator (Miyato et al. 2018, App. B.4, Table 4: CIFAR-10), with
-class-conditional batch norm in G and the projection head in D for conditional models (Miyato &
-Koyama 2018). Sized by the same plans as the DCGAN stacks: 32 px grows from 4x4 in three up-blocks.
+"""Residual networks: SNGAN's ResNet generator and discriminator (Miyato et al. 2018, App. B.4, Table 4:
+CIFAR-10), with class-conditional batch norm in G and the projection head in D for conditional models
+(Miyato & Koyama 2018); and, from the same blocks without any norm, the encoder and decoder of the
+VAE's `arch=resnet` and of the VQ-VAE. Sized by the same plans as the DCGAN stacks: 32 px grows from
+4x4 in three up-blocks.
 """
 
 import torch
@@ -28,12 +30,21 @@ class CondBatchNorm(nn.BatchNorm2d):
         return out * (1 + self.gain(y))[:, :, None, None] + self.bias_y(y)[:, :, None, None]
 
 
-class GBlock(nn.Module):
-    """BN-ReLU-up-conv3-BN-ReLU-conv3, plus an upsampled 1x1-conv shortcut (He et al. 2016, pre-activation)."""
+class NoNorm(nn.Module):
+    """No normalisation, called as CondBatchNorm is."""
 
-    def __init__(self, c_in: int, c_out: int, num_classes: int):
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+class GBlock(nn.Module):
+    """BN-ReLU-up-conv3-BN-ReLU-conv3, plus an upsampled 1x1-conv shortcut (He et al. 2016, pre-activation).
+    norm=False leaves out both batch norms."""
+
+    def __init__(self, c_in: int, c_out: int, num_classes: int = 0, norm: bool = True):
         super().__init__()
-        self.bn1, self.bn2 = CondBatchNorm(c_in, num_classes), CondBatchNorm(c_out, num_classes)
+        Norm = (lambda c: CondBatchNorm(c, num_classes)) if norm else (lambda c: NoNorm())
+        self.bn1, self.bn2 = Norm(c_in), Norm(c_out)
         self.conv1, self.conv2 = nn.Conv2d(c_in, c_out, 3, 1, 1), nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.skip = nn.Conv2d(c_in, c_out, 1)
 
@@ -97,3 +108,54 @@ class ResNetD(nn.Module):
 
     def forward(self, x):
         return F.relu(self.blocks(x)).sum((2, 3))
+
+
+# The VAE and the VQ-VAE score every image on its own (the IWAE bound, test likelihoods, encode/decode
+# of single images) and data parallelism assumes it too: their residual stacks carry no batch norm,
+# which would mix the examples of a batch.
+
+
+class ResEncoder(nn.Module):
+    """image (N, channels, s, s) -> (N, out, s / 2^n_down, s / 2^n_down): a down-block per halving
+    (SNGAN's D blocks, which have no norm), `extra` blocks at the smallest side, ReLU, and a last conv
+    with kernel `head`: 1 keeps a grid of vectors (VQ-VAE), the smallest side reads the whole map into
+    one vector (the VAE, as DCGAN's last layer)."""
+
+    def __init__(self, channels: int, width: int, out: int, n_down: int, head: int = 1, extra: int = 1):
+        super().__init__()
+        blocks = [DBlock(channels, width, down=True, first=True)]
+        blocks += [DBlock(width, width, down=True) for _ in range(n_down - 1)]
+        blocks += [DBlock(width, width, down=False) for _ in range(extra)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(width, out, head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.blocks(x)))
+
+
+class ResDecoder(nn.Module):
+    """A grid (N, c_in, s, s), or a vector (N, c_in) widened to stem x stem, -> image-shaped output
+    (N, out, s * 2^n_up, ...) before any output activation: `extra` blocks, an up-block per doubling (G's
+    blocks without batch norm), ReLU and a 3x3 conv. With num_classes a vector gets a class embedding
+    beside it, as the DCGAN decoder's."""
+
+    def __init__(self, c_in: int, width: int, out: int, n_up: int, stem: int = 0, extra: int = 1,
+                 num_classes: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, c_in) if num_classes else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 0.0, 0.1)  # small beside z, as in nets.Decoder
+        c_in = 2 * c_in if num_classes else c_in
+        # A vector enters as a 1x1 map that a transposed conv widens to stem x stem (DCGAN's first layer).
+        self.stem = nn.ConvTranspose2d(c_in, width, stem) if stem else nn.Conv2d(c_in, width, 3, 1, 1)
+        blocks = [DBlock(width, width, down=False) for _ in range(extra)]
+        blocks += [GBlock(width, width, norm=False) for _ in range(n_up)]
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(width, out, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)], 1)
+        if z.ndim == 2:
+            z = z[:, :, None, None]
+        return self.out(F.relu(self.blocks(self.stem(z))))

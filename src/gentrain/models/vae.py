@@ -1,5 +1,6 @@
 """The VAE family: an encoder q(z|x) and a decoder p(x|z) trained in one phase on the (beta-)ELBO or
-the IWAE bound; the likelihoods p(x|z) are in likelihoods.py."""
+the IWAE bound; the likelihoods p(x|z) are in likelihoods.py, the networks in nets.py (conv) and
+resnet.py (resnet)."""
 
 import math
 
@@ -11,9 +12,11 @@ from gentrain import GentrainError
 from gentrain.dist import per_example
 from gentrain.models import likelihoods
 from gentrain.models.likelihoods import LIKELIHOODS
-from gentrain.models.nets import Decoder, Encoder
+from gentrain.models.nets import Decoder, Encoder, plan
+from gentrain.models.resnet import ResDecoder, ResEncoder
 
 LOG_2PI = math.log(2 * math.pi)
+ARCHS = ("conv", "resnet")
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -33,18 +36,24 @@ class VAE(nn.Module):
     def __init__(self, channels: int, image_size: int, z_dim: int = 16, ch: int = 64, beta: float = 1.0,
                  likelihood: str = "bernoulli", sigma: float | None = 0.1, binarize: bool = False,
                  kl_warmup_steps: int = 0, free_bits: float = 0.0, k: int = 1, conditional: bool = False,
-                 num_classes: int = 0):
+                 num_classes: int = 0, arch: str = "conv"):
         super().__init__()
         check(likelihood=likelihood, beta=beta, sigma=sigma, binarize=binarize, kl_warmup_steps=kl_warmup_steps,
-              free_bits=free_bits, k=k, conditional=conditional, num_classes=num_classes)
+              free_bits=free_bits, k=k, conditional=conditional, num_classes=num_classes, arch=arch)
         self.z_dim, self.beta, self.likelihood, self.sigma = z_dim, beta, likelihood, sigma
         self.binarize, self.kl_warmup_steps, self.free_bits, self.k = binarize, kl_warmup_steps, free_bits, k
         self.num_classes = num_classes if conditional else 0
         # The conditional VAE (Sohn et al. 2015) reads the class in both networks: q(z|x, y) as one-hot
         # planes beside the image, p(x|z, y) as an embedding beside z; the prior stays N(0, I).
-        self.encoder = Encoder(channels + self.num_classes, image_size, ch, 2 * z_dim, norm=False)
-        self.decoder = Decoder(z_dim, likelihoods.out_channels(likelihood, channels, sigma), image_size, ch,
-                               norm=False, num_classes=self.num_classes)
+        out = likelihoods.out_channels(likelihood, channels, sigma)
+        if arch == "conv":  # the DCGAN stacks without batch norm; checkpoints from before `arch` are these
+            self.encoder = Encoder(channels + self.num_classes, image_size, ch, 2 * z_dim, norm=False)
+            self.decoder = Decoder(z_dim, out, image_size, ch, norm=False, num_classes=self.num_classes)
+        else:  # residual blocks at every resolution, width ch throughout, no norm (resnet.py)
+            base, n = plan(image_size)
+            self.encoder = nn.Sequential(ResEncoder(channels + self.num_classes, ch, 2 * z_dim, n, head=base),
+                                         nn.Flatten())
+            self.decoder = ResDecoder(z_dim, ch, out, n, stem=base, num_classes=self.num_classes)
 
     def phase_parameters(self, phase: str):
         return self.parameters()
@@ -164,8 +173,10 @@ class VAE(nn.Module):
         return loss, stats
 
 
-def check(*, likelihood, beta, sigma, binarize, kl_warmup_steps, free_bits, k, conditional, num_classes):
+def check(*, likelihood, beta, sigma, binarize, kl_warmup_steps, free_bits, k, conditional, num_classes, arch):
     """The VAE settings as one clear line each when wrong."""
+    if arch not in ARCHS:
+        raise GentrainError(f"model.arch={arch!r} is unknown for model=vae; choose from {', '.join(ARCHS)}")
     if likelihood not in LIKELIHOODS:
         raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
     if not beta >= 0 or (sigma is not None and not sigma > 0) or not free_bits >= 0:
