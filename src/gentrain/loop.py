@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gentrain import GentrainError, Interrupted, checkpoint, dist, fast
-from gentrain.data import Batches, ImageData, ImageFiles
+from gentrain.data import Batches, ImageData, ImageFiles, on_device_setting
 from gentrain.models import grid_codes
 
 log = logging.getLogger("gentrain")
@@ -158,7 +158,7 @@ def train(cfg, model: torch.nn.Module, data: ImageData | ImageFiles, make_optimi
         fast.compile_networks(model)
 
     d = cfg.dataset
-    batches = Batches(data, t.batch_size, cfg.seed, device, d.get("on_device", "auto"), d.get("hflip", False),
+    batches = Batches(data, t.batch_size, cfg.seed, device, on_device_setting(d), d.get("hflip", False),
                       d.get("workers", 4))
     # One fixed noise batch for every sample grid, so grids over training show the same latents
     # (a conditional model's grid has one class per row).

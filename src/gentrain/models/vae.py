@@ -152,11 +152,15 @@ class VAE(nn.Module):
         recon = -self.log_px(z, x, y)
         kl_dims = kl_per_dim(mu, logvar)
         kl = kl_dims.sum(1)
-        # KL warm-up (Bowman et al. 2016; Sønderby et al. 2016, Sec. 2.3): beta grows linearly from 0 over
-        # the first kl_warmup_steps steps, so the decoder learns to use z before the KL pulls q to the prior.
-        # (step is a device tensor when the step is a captured CUDA graph: then so is beta.)
-        ramp = step / self.kl_warmup_steps if self.kl_warmup_steps else 1.0
-        beta = self.beta * (ramp.clamp(max=1.0) if torch.is_tensor(ramp) else min(1.0, ramp))
+        beta = self.beta
+        if self.kl_warmup_steps:
+            # KL warm-up (Bowman et al. 2016; Sønderby et al. 2016, Sec. 2.3): beta grows linearly from 0 over
+            # the first kl_warmup_steps steps, so the decoder learns to use z before the KL pulls q to the
+            # prior. The step is a device tensor (a captured CUDA graph passes one; a number becomes a fill
+            # on the device, not a copy from the host, which would wait for it), and so is beta.
+            if not torch.is_tensor(step):
+                step = torch.full((), step, dtype=torch.float32, device=x.device)
+            beta = self.beta * (step / self.kl_warmup_steps).clamp(max=1.0)
         if self.free_bits:
             # Free bits (Kingma et al. 2016, IAF, App. C.8): each latent dimension's KL, averaged over the
             # batch, costs nothing below lambda nats, so dimensions are not switched off early:
@@ -168,8 +172,8 @@ class VAE(nn.Module):
         # Reported per image in nats; nelbo is the beta=1 bound whatever beta trains with.
         stats = {"vae/loss": loss.detach(), "vae/recon": recon.mean().detach(), "vae/kl": kl.mean().detach(),
                  "vae/nelbo": (recon + kl).mean().detach()}
-        if self.kl_warmup_steps:  # a fill on the device, not a copy from the host, which would wait for it
-            stats["vae/beta"] = beta.float() if torch.is_tensor(beta) else loss.new_full((), beta).detach()
+        if self.kl_warmup_steps:
+            stats["vae/beta"] = beta.float()
         return loss, stats
 
 
