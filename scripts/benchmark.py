@@ -9,7 +9,7 @@ Each row trains the same networks two ways:
 - reference: the classic eager loop, as the PyTorch examples write it (dcgan/main.py, vae/main.py): a
   torchvision DataLoader with 2 workers and PIL transforms (Resize, ToTensor, Normalize), fp32, non-fused
   Adam, and a host sync for every logged number of every step (.item());
-- gentrain: `gentrain.train.train` itself, the loop a `gentrain` command runs, with the row's settings and
+- gentrain: `gentrain.commands.train.run` itself, the loop a `gentrain` command runs, with the row's settings and
   each variant's switches (default: the defaults, bf16 and channels_last on a GPU; compile:
   trainer.compile=true; graphs: trainer.cuda_graphs=true, CUDA only).
 Images/s is the median over `--windows` timed windows of `--window` steps each, after one window of
@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a checkout without an install
-from gentrain import models, train  # noqa: E402
+from gentrain import models  # noqa: E402
+from gentrain.commands import train  # noqa: E402
 from gentrain.config import config_dir  # noqa: E402
-from gentrain.loop import pick_device  # noqa: E402
+from gentrain.device import pick_device  # noqa: E402
 
 # name -> gentrain overrides of the row; the reference takes the same dataset, size, batch and networks
 ROWS = {
@@ -146,14 +147,14 @@ def gentrain_flops(cfg, device) -> float:
 
     def step(x):
         for phase in model.phases:
-            model.loss(phase, x, None, 0)[0].backward()
+            model.loss(phase.name, x, None, 0)[0].backward()
     return flops_per_image(step, x)
 
 
 def run_gentrain(cfg, device) -> list[float]:
     """Images/s of the loop's log intervals after the first."""
     with tempfile.TemporaryDirectory() as tmp:
-        train.train(cfg, Path(tmp), device, None)
+        train.run(cfg, Path(tmp), device, None)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return [r["img_per_s"] for r in records if "img_per_s" in r][1:]  # the first interval is the warm-up
 

@@ -17,8 +17,8 @@ def test_round_trip_with_weights_only_and_second_name(tmp_path):
     checkpoint.save(minimal(5), tmp_path / "last.pt", also=tmp_path / "step_5.pt")
     for name in ("last.pt", "step_5.pt"):
         ckpt = checkpoint.load(tmp_path / name)
-        assert ckpt["step"] == 5 and ckpt["format"] == "gentrain" and torch.equal(ckpt["model"]["w"], torch.full((3,), 5.0))
-    assert checkpoint.load(tmp_path)["step"] == 5  # a folder resolves to its last.pt
+        assert ckpt.step == 5 and ckpt.state["format"] == "gentrain" and torch.equal(ckpt.state["model"]["w"], torch.full((3,), 5.0))
+    assert checkpoint.load(tmp_path).step == 5  # a folder resolves to its last.pt
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
 
 

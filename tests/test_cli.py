@@ -42,7 +42,7 @@ def test_eval_help(gentrain):
     (["model.arch=vit"], ["model.arch='vit' is unknown; choose from dcgan, resnet, mlp"]),
     (["model.augment=[color,flip]"], ["model.augment: 'flip' is not a DiffAugment transform"]),
     (["model.arch=mlp"], ["model.arch=mlp is for 2-D points"]),
-    (["dataset=ring8", "model=vae"], ["dataset=ring8 holds 2-D points"]),
+    (["dataset=ring8", "model=vae"], ["model=vae models images", "holds 2-D points"]),
     (["model.conditional=true", "dataset=folder", "dataset.root=."], ["needs a labelled dataset"]),
     (["trainer.steps=[1"], ["no viable alternative"]),
 ])

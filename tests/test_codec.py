@@ -10,10 +10,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from conftest import FAST, assert_one_line_error
 from gentrain import GentrainError, checkpoint, data
-from gentrain.codec import decode_codes, encode_images
+from gentrain.commands.codec import decode_codes, encode_images
 from gentrain.config import config_dir
 from gentrain.models import build
-from gentrain.sample import load_model
+from gentrain.checkpoint import load_model
+from gentrain.images import to_signed, to_uint8
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # small tensors: a second thread only waits on a busy machine
 
@@ -62,10 +63,10 @@ def test_vqvae_codes_round_trip_through_the_cli_and_decode_to_the_reconstruction
     gentrain("decode", f"ckpt={vqvae_run}", f"input={tmp_path / 'a.pt'}", f"out={tmp_path / 'out'}/", env=ONE_THREAD)
     decoded = pngs(tmp_path / "out")
     model, _ = load_model(checkpoint.resolve(vqvae_run), torch.device("cpu"))
-    x = data.to_signed(mnist_test_images(data_root, 40))
+    x = to_signed(mnist_test_images(data_root, 40))
     with torch.no_grad():
         assert torch.equal(model.codes(x).to(torch.uint8), torch.load(tmp_path / "a.pt", weights_only=True)["codes"])
-        recon = data.to_uint8(model.reconstruct(x))
+        recon = to_uint8(model.reconstruct(x))
     assert decoded.shape == (40, 1, 28, 28) and (decoded.int() - recon.int()).abs().max() <= 1
 
     # a folder of images: the decoded PNGs themselves, found recursively, named by their paths under it
@@ -75,7 +76,7 @@ def test_vqvae_codes_round_trip_through_the_cli_and_decode_to_the_reconstruction
     folder = torch.load(tmp_path / "f.pt", weights_only=True)
     assert folder["files"] == ["000000.png", "000001.png", "000002.png", "000004.png", "000005.png"]
     with torch.no_grad():
-        assert torch.equal(folder["codes"], model.codes(data.to_signed(decoded[[0, 1, 2, 4, 5]])).byte())
+        assert torch.equal(folder["codes"], model.codes(to_signed(decoded[[0, 1, 2, 4, 5]])).byte())
     assert folder["codes"].shape == (5, 7, 7) and folder["source"].startswith("folder ")
     # decode without ckpt= uses the checkpoint the codes file names
     decode_codes(config("decode", input=tmp_path / "f.pt", out=tmp_path / "again"))
@@ -88,11 +89,11 @@ def test_vae_codes_are_the_posterior_means(gentrain, tmp_path, data_root):
     encode_images(config("encode", ckpt=run, input="test", n=12, out=tmp_path / "z.pt", data_root=data_root))
     codes = torch.load(tmp_path / "z.pt", weights_only=True)
     model, _ = load_model(checkpoint.resolve(run), torch.device("cpu"))
-    x = data.to_signed(mnist_test_images(data_root, 12))
+    x = to_signed(mnist_test_images(data_root, 12))
     with torch.no_grad():
         mu = model.encode(x)[0]
         assert codes["codes"].dtype == torch.float32 and torch.allclose(codes["codes"], mu, atol=1e-6)
-        expected = data.to_uint8(model.decode(mu))
+        expected = to_uint8(model.decode(mu))
     assert codes["bits_per_image"]["stored"] == 16 * 32 and codes["bits_per_image"]["rate"] > 0
     decode_codes(config("decode", ckpt=run, input=tmp_path / "z.pt", out=tmp_path / "out"))
     assert (pngs(tmp_path / "out").int() - expected.int()).abs().max() <= 1
@@ -155,7 +156,7 @@ def test_a_conditional_vae_encodes_labelled_splits_and_decodes_with_their_labels
     assert torch.equal(codes["labels"], labels)
     decode_codes(config("decode", input=tmp_path / "c.pt", out=tmp_path / "out"))
     with torch.no_grad():
-        expected = data.to_uint8(model.decode(codes["codes"], labels))
+        expected = to_uint8(model.decode(codes["codes"], labels))
     assert (pngs(tmp_path / "out").int() - expected.int()).abs().max() <= 1
     (tmp_path / "imgs").mkdir()
     (tmp_path / "out" / "000000.png").rename(tmp_path / "imgs" / "a.png")

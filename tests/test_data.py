@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from gentrain import GentrainError
-from gentrain.data import Batches, ImageData, load, to_signed
+from gentrain.data import Batches, ImageData, load
+from gentrain.images import to_signed
 
 
 def dataset_cfg(**kw):

@@ -6,7 +6,9 @@ from omegaconf import OmegaConf
 
 from gentrain import GentrainError
 from gentrain.models import build, grid_codes
-from gentrain.train import optimizer_factory
+from gentrain.commands.train import lazy_ratio, optimizer_factory
+from gentrain.models import losses
+from gentrain.models.family import Phase
 
 
 def gan(size=28, channels=1, classes=0, **cfg):
@@ -70,21 +72,36 @@ def test_d_norm_auto_keeps_batch_norm_only_without_penalties():
     assert has_bn(gan(loss="wgan_gp", d_norm="batch"))
 
 
-def test_lazy_r1_runs_every_k_steps_scaled_by_k():
+def test_lazy_r1_is_a_phase_of_its_own_every_k_steps_scaled_by_k():
     torch.manual_seed(0)
     model = gan(r1=2.0, r1_every=4, d_norm="none")
+    assert model.phases == (Phase("D", "D"), Phase("Dreg", "D", 4), Phase("G", "G"))  # StyleGAN2's Dreg
     x = torch.rand(4, 1, 28, 28) * 2 - 1
-    torch.manual_seed(1)
-    plain, stats_off = model.loss("D", x, None, step=3)
-    torch.manual_seed(1)
-    with_r1, stats_on = model.loss("D", x, None, step=4)
-    assert "D/r1" not in stats_off and "D/r1" in stats_on
-    # gamma / 2 * k * R1 on top of the same adversarial loss
-    assert torch.allclose(with_r1, plain + 0.5 * 2.0 * 4 * stats_on["D/r1"], rtol=1e-5)
+    _, stats = model.loss("D", x, None, step=4)
+    assert "D/r1" not in stats  # D's main phase leaves R1 to Dreg
+    reg, stats = model.loss("Dreg", x, None, step=4)
+    # gamma / 2 * k * R1 on the real batch
+    assert torch.allclose(reg, 0.5 * 2.0 * 4 * losses.r1_penalty(model.D, x), rtol=1e-6)
+    assert torch.allclose(stats["D/r1"], losses.r1_penalty(model.D, x), rtol=1e-6)
+    # R1 every step stays inside D's own phase, as StyleGAN2's Dboth
+    eager = gan(r1=2.0, r1_every=1, d_norm="none")
+    assert [p.name for p in eager.phases] == ["D", "G"] and "D/r1" in eager.loss("D", x, None, 0)[1]
+
+
+def test_lazy_r1_keeps_ds_adam_per_batch_dynamics():
+    """StyleGAN2-ADA's mb_ratio: an optimizer that a lazy phase also steps every k steps gets lr * c and
+    betas ** c with c = k / (k + 1) for one main update per step (n / (n + 1 / k) for n)."""
+    model = gan(r1=1.0, r1_every=4, d_norm="none", d_steps=2)
+    assert lazy_ratio(model.phases, "D") == pytest.approx(2 / (2 + 1 / 4)) and lazy_ratio(model.phases, "G") == 1
+    make = optimizer_factory(OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-4,
+                                               "betas": [0.0, 0.99], "lr_D": 4e-4}), torch.device("cpu"))
+    group = make("D", model.D.parameters(), 0.8).param_groups[0]
+    assert group["lr"] == pytest.approx(4e-4 * 0.8) and group["betas"] == pytest.approx((0.0, 0.99 ** 0.8))
+    assert make("G", model.G.parameters()).param_groups[0]["lr"] == 2e-4
 
 
 def test_d_steps_repeat_the_d_phase():
-    assert gan(d_steps=5).phases == ("D",) * 5 + ("G",)
+    assert [p.name for p in gan(d_steps=5).phases] == ["D"] * 5 + ["G"]
 
 
 def test_ttur_gives_each_phase_its_learning_rate():

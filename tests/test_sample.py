@@ -62,7 +62,7 @@ def test_interpolation_grid(gentrain, runs, tmp_path):
 
 
 def test_slerp_ends_at_its_endpoints():
-    from gentrain.sample import slerp
+    from gentrain.commands.sample import slerp
 
     a, b = torch.randn(4, 1, 8), torch.randn(4, 1, 8)
     path = slerp(a, b, torch.linspace(0, 1, 5)[None, :, None])

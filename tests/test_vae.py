@@ -11,7 +11,7 @@ from conftest import FAST, assert_one_line_error
 from gentrain import GentrainError, checkpoint
 from gentrain.models import build
 from gentrain.models.vae import kl_per_dim
-from gentrain.sample import load_model
+from gentrain.checkpoint import load_model
 
 X = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
 

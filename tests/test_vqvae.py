@@ -14,7 +14,8 @@ from gentrain import GentrainError, checkpoint
 from gentrain.models import build
 from gentrain.models.pixelcnn import PixelCNN
 from gentrain.models.vqvae import ema_update, nearest, perplexity, restart_dead, straight_through
-from gentrain.sample import generate, load_model
+from gentrain.checkpoint import load_model
+from gentrain.models import generate
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # small tensors: a second thread only waits on a busy machine
 

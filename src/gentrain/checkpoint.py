@@ -1,21 +1,135 @@
-"""Self-describing checkpoints: written atomically, read with torch.load(weights_only=True).
+"""Self-describing checkpoints: their layout (built and restored here, and nowhere else), written
+atomically, read with torch.load(weights_only=True).
 
 A checkpoint is a plain dict of tensors and Python scalars: the resolved config, the dataset facts
 the model was sized from, the step, and every state needed to continue (model, optimizers, grad
-scalers, RNG, the running log sums). Nothing in it is a class or a callable.
+scalers, RNG, the running log sums). Nothing in it is a class or a callable. Other modules read one
+through `Checkpoint`, whose attributes name what it holds.
 """
 
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from gentrain import GentrainError
+from gentrain import models
+from gentrain.data import DataFacts
+from gentrain.errors import GentrainError
+from gentrain.models.family import EMA
 
 FORMAT, VERSION = "gentrain", 1
 REQUIRED = ("family", "config", "data", "step", "model")
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint as read from `path`: what it describes, and (in `state`) what it holds."""
+
+    path: Path
+    state: dict
+
+    @property
+    def family(self) -> str:
+        return self.state["family"]
+
+    @property
+    def config(self) -> DictConfig:
+        """The run's resolved config."""
+        return OmegaConf.create(self.state["config"])
+
+    @property
+    def model_config(self) -> dict:
+        return self.state["config"]["model"]
+
+    @property
+    def facts(self) -> DataFacts:
+        d = self.state["data"]
+        return DataFacts(d["channels"], d["image_size"], d.get("num_classes", 0))
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def preempted(self) -> bool:
+        """Written on a scheduler's preemption signal: the requeued job resumes it by itself."""
+        return bool(self.state.get("preempted"))
+
+    def dataset_config(self, root=None) -> DictConfig:
+        """The dataset config the model was trained on; `root` (data_root=) points at its files elsewhere."""
+        cfg = OmegaConf.create(self.state["config"]["dataset"])
+        if root is not None:
+            cfg.root = root
+        return cfg
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.family}, step {self.step})"
+
+
+def meta(config: dict, facts: DataFacts) -> dict:
+    """What every checkpoint of a run says about it: its family, resolved config and dataset facts."""
+    return {"family": config["model"]["family"], "config": config, "data": facts._asdict()}
+
+
+@dataclass
+class Resumed:
+    """The loop's own state at a checkpoint, once the model, optimizers, scalers and RNG are restored."""
+
+    step: int
+    seconds: float
+    log: dict             # the logged sums of the open interval (loop.Meter's state)
+    best: dict | None     # the best evaluation so far: metric, value, step
+
+
+def training_state(meta: dict, step: int, seconds: float, model, optimizers: dict, scalers: dict, device,
+                   log: dict, best: dict | None, preempted: bool = False) -> dict:
+    """Everything a run needs to continue from `step` exactly, as one checkpoint dict."""
+    return {**meta, "step": step, "seconds": seconds,
+            "model": model.state_dict(),
+            "optim": {p: o.state_dict() for p, o in optimizers.items()},
+            "scaler": {p: s.state_dict() for p, s in scalers.items()},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
+            "log": log, "best": best,
+            "preempted": preempted}  # stopped by a scheduler's signal: a requeued job resumes by itself
+
+
+def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
+    try:
+        model.load_state_dict(ckpt.state["model"])
+    except RuntimeError:
+        raise GentrainError(f"{ckpt.path}: the stored weights do not fit the model its config describes") from None
+
+
+def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, device: torch.device) -> Resumed:
+    """Load a checkpoint's weights, optimizer, grad-scaler and RNG states; the loop's own state back."""
+    s = ckpt.state
+    load_weights(ckpt, model)
+    for p, opt in optimizers.items():
+        opt.load_state_dict(s["optim"][p])
+        for group in opt.param_groups:  # hyperparameters follow the config (optim.lr=... on resume)
+            group.update(opt.defaults)
+        scalers[p].load_state_dict(s["scaler"][p])
+    torch.set_rng_state(s["rng"]["torch"])
+    if device.type == "cuda" and s["rng"]["cuda"]:  # the training GPU's state; all ranks share it
+        torch.cuda.set_rng_state(s["rng"]["cuda"][0], device)
+    return Resumed(s["step"], s["seconds"], s["log"], s.get("best"))
+
+
+def load_model(path, device: torch.device, ema: bool = True) -> tuple[torch.nn.Module, Checkpoint]:
+    """The model a checkpoint describes, rebuilt from its family name and config, with its weights, in
+    eval mode; ema=False samples a GAN's raw G instead of the EMA of its weights."""
+    ckpt = load(path)
+    facts = ckpt.facts
+    model = models.build(ckpt.model_config, facts.channels, facts.image_size, facts.num_classes)
+    load_weights(ckpt, model)
+    if EMA in model.capabilities:
+        model.use_ema = ema
+    return model.to(device).eval(), ckpt
 
 
 def run_dir_of(path: Path) -> Path:
@@ -84,7 +198,7 @@ def read(path: Path, what: str = "gentrain checkpoint"):
         raise GentrainError(f"cannot read {what} {path}: it is truncated or corrupt ({first})") from None
 
 
-def load(path) -> dict:
+def load(path) -> Checkpoint:
     """Read and check a gentrain checkpoint; every way it can be wrong ends in one GentrainError."""
     path = resolve(path)
     ckpt = read(path)
@@ -95,4 +209,4 @@ def load(path) -> dict:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise GentrainError(f"{path} is an incomplete gentrain checkpoint (missing {', '.join(missing)})")
-    return ckpt
+    return Checkpoint(path, ckpt)

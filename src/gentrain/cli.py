@@ -1,58 +1,22 @@
-"""The `gentrain` command: picks the verb, checks the overrides, and turns user errors into one line.
+"""The `gentrain` command, the top of the package: picks the verb, checks the overrides, and turns user
+errors into one line. Each verb is a module of gentrain.commands:
 
-    gentrain [overrides]             train (gentrain.train)
-    gentrain sample ckpt=PATH ...    draw images from a checkpoint (gentrain.sample)
-    gentrain eval ckpt=PATH ...      sample-quality and likelihood metrics (gentrain.evaluate)
-    gentrain encode ckpt=PATH input=DIR|test out=codes.pt   images to codes (gentrain.codec)
-    gentrain decode ckpt=PATH input=codes.pt out=DIR/       codes to images (gentrain.codec)
-    gentrain classifier dataset=...  the domain classifier behind the metrics (gentrain.metrics.classifier)
-    gentrain plot RUN_DIR            losses and metrics over steps as a PNG (gentrain.plot)
+    gentrain [overrides]             train (commands/train.py)
+    gentrain sample ckpt=PATH ...    draw images from a checkpoint (commands/sample.py)
+    gentrain eval ckpt=PATH ...      sample-quality and likelihood metrics (commands/eval.py)
+    gentrain encode ckpt=PATH input=DIR|test out=codes.pt   images to codes (commands/codec.py)
+    gentrain decode ckpt=PATH input=codes.pt out=DIR/       codes to images (commands/codec.py)
+    gentrain classifier dataset=...  the domain classifier behind the metrics (commands/classifier.py)
+    gentrain plot RUN_DIR            losses and metrics over steps as a PNG (commands/plot.py)
 
 Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job` work for each.
 """
 
-import functools
 import sys
 
-from gentrain import GentrainError
+from gentrain.errors import GentrainError, fail, quote
 
 VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot")
-
-
-def fail(message: str, code: int = 2):
-    # Ctrl-C is the user's choice, not an error: it exits 130 with a plain note.
-    print(f"gentrain: {'' if code == 130 else 'error: '}{message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def reported(task):
-    """Wrap a Hydra task so a GentrainError (or a GPU out of memory) ends in one line, not a traceback."""
-
-    @functools.wraps(task)
-    def wrapper(cfg):
-        import torch
-        from omegaconf.errors import MissingMandatoryValue
-
-        from gentrain.config import unset
-
-        try:
-            return task(cfg)
-        except GentrainError as e:
-            fail(str(e), e.exit_code)
-        except MissingMandatoryValue as e:
-            fail(str(unset(e.full_key)))
-        except torch.cuda.OutOfMemoryError:
-            fail("the GPU ran out of memory; lower trainer.batch_size (checkpoints already written are intact)")
-        except KeyboardInterrupt:  # before the loop took over Ctrl-C (loading data), or a second Ctrl-C
-            fail("interrupted (checkpoints already written are intact)", 130)
-        except RuntimeError as e:
-            from gentrain import dist
-
-            if dist.peer_lost(e):  # another torchrun worker stopped first and said why; nothing to add
-                sys.exit(1)
-            raise
-
-    return wrapper
 
 
 def _one_line(e: Exception) -> str:
@@ -129,11 +93,6 @@ def _resume_dir(args: list[str]) -> str | None:
     return None
 
 
-def quote(value: str) -> str:
-    """A path as one Hydra override value, whatever spaces, commas or '=' it holds."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _metrics_list(args: list[str]) -> list[str]:
     """`metrics=[fid,pr]` is shorthand for `metrics.compute=[fid,pr]` (the metrics node also holds settings)."""
     return [f"metrics.compute={a[len('metrics='):]}" if a.startswith("metrics=[") else a for a in args]
@@ -143,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verb = args.pop(0) if args and args[0] in VERBS else "train"
     if verb == "plot":
-        from gentrain.plot import main as plot
+        from gentrain.commands.plot import main as plot
 
         return plot(args)
     args = _metrics_list(args)
@@ -158,15 +117,15 @@ def main(argv: list[str] | None = None) -> None:
                  *([] if any(a.startswith("hydra.run.dir=") for a in args) else ["hydra.run.dir=."])]
     sys.argv = [f"gentrain {verb}" if verb != "train" else "gentrain", *args]
     if verb == "sample":
-        from gentrain.sample import main as task
+        from gentrain.commands.sample import main as task
     elif verb == "eval":
-        from gentrain.evaluate import main as task
+        from gentrain.commands.eval import main as task
     elif verb == "encode":
-        from gentrain.codec import encode as task
+        from gentrain.commands.codec import encode as task
     elif verb == "decode":
-        from gentrain.codec import decode as task
+        from gentrain.commands.codec import decode as task
     elif verb == "classifier":
-        from gentrain.metrics.classifier import main as task
+        from gentrain.commands.classifier import main as task
     else:
-        from gentrain.train import main as task
+        from gentrain.commands.train import main as task
     task()

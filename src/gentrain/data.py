@@ -1,22 +1,40 @@
-"""Datasets decoded once into uint8 image tensors (or drawn as 2-D points for the toy benchmarks), image
-folders too large to hold streamed from disk, and the deterministic batch order the loop draws from."""
+"""Datasets: the table of those gentrain knows, each decoded once into uint8 image tensors (or drawn as 2-D
+points for the toy benchmarks), image folders too large to hold streamed from disk, and the deterministic
+batch order the loop draws from."""
 
 import contextlib
+import functools
 import io
 import itertools
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from gentrain import GentrainError, dist
+from gentrain import dist
+from gentrain.errors import GentrainError
+from gentrain.images import to_signed
 
 log = logging.getLogger("gentrain")
+
+
+class DataFacts(NamedTuple):
+    """What a model is sized from: image channels (a point's dimension), image side (0 for points), and the
+    number of classes (0 when unlabelled). A checkpoint stores them, so a model is rebuilt without data."""
+
+    channels: int
+    image_size: int
+    num_classes: int = 0
+
+    @property
+    def points(self) -> bool:
+        return self.image_size == 0
 
 # torchvision class, folder under root, and the files it needs there (any one archive form will do)
 TORCHVISION = {
@@ -45,26 +63,13 @@ def toy_modes(name: str) -> tuple[torch.Tensor, float]:
     return torch.cartesian_prod(grid, grid), 0.05
 
 
-TOY = ("ring8", "grid25")
-
-
-def _load_toy(cfg, split: str) -> "ImageData":
+def _load_toy(cfg, split: str, streamable: bool = False) -> "ImageData":
     """dataset.n points drawn once from the mixture, each component equally likely; the test split is a
     second draw. Seeded by dataset.seed, so every run trains on the same points."""
     means, std = toy_modes(cfg.name)
     g = torch.Generator().manual_seed(cfg.seed * 2 + (split == "test"))
     which = torch.randint(len(means), (cfg.n,), generator=g)
     return ImageData(means[which] + std * torch.randn(cfg.n, 2, generator=g), None)
-
-
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels 0..255 -> floats in [-1, 1], the range every model and network here works in."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 0..255, rounded as a PNG file stores it."""
-    return ((images.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -90,6 +95,10 @@ class ImageData:
         """The image side; 0 for points."""
         return 0 if self.points else self.images.shape[-1]
 
+    @property
+    def facts(self) -> DataFacts:
+        return DataFacts(self.channels, self.image_size, self.num_classes)
+
 
 @dataclass
 class ImageFiles(torch.utils.data.Dataset):
@@ -109,6 +118,10 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def facts(self) -> DataFacts:
+        return DataFacts(self.channels, self.image_size)
+
     def __getitem__(self, i: int) -> torch.Tensor:
         for j in range(i, i + (len(self.files) if self.skip_bad else 1)):
             path = self.files[j % len(self.files)]
@@ -121,26 +134,16 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def load(dataset_cfg, split: str = "train", streamable: bool = False) -> ImageData | ImageFiles:
-    """The images of a dataset config's split, resized to dataset.image_size. With `streamable` (training),
-    an image folder that dataset.on_device keeps off the device, or that is too large to hold decoded in
-    memory, comes back as ImageFiles to stream from disk."""
-    name = dataset_cfg.name
-    if name in TOY:
-        return _load_toy(dataset_cfg, split)
-    if name == "folder":
-        return _load_folder(dataset_cfg, streamable)
-    if name not in TORCHVISION:
-        raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join([*TORCHVISION, 'folder', *TOY])}")
-    size = dataset_cfg.image_size
-    data = _load_torchvision(name, Path(str(dataset_cfg.root)).expanduser(), split, dataset_cfg.get("download", True))
-    if data.image_size != size:
-        data.images = torch.cat([TF.resize(chunk, [size, size], antialias=True)
-                                 for chunk in data.images.split(4096)])
-    return data
+    """The images (or points) of a dataset config's split. With `streamable` (training), an image folder that
+    dataset.on_device keeps off the device, or that is too large to hold decoded in memory, comes back as
+    ImageFiles to stream from disk."""
+    return dataset(dataset_cfg.name).load(dataset_cfg, split, streamable)
 
 
-def _load_torchvision(name: str, root: Path, split: str, download: bool) -> ImageData:
+def _load_torchvision(name: str, dataset_cfg, split: str, streamable: bool = False) -> ImageData:
+    """A torchvision dataset's split, resized to dataset.image_size."""
     cls, folder, files = TORCHVISION[name]
+    root, download = Path(str(dataset_cfg.root)).expanduser(), dataset_cfg.get("download", True)
     log.info("loading %s from %s%s", name, root, " (downloading it there if missing)" if download else "")
     printed = io.StringIO()
     try:
@@ -154,8 +157,12 @@ def _load_torchvision(name: str, root: Path, split: str, download: bool) -> Imag
                             f"Put the files there or set dataset.root to a folder that has them") from None
     images = torch.as_tensor(ds.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    return ImageData(images.contiguous(), labels, num_classes=len(ds.classes))
+    data = ImageData(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), num_classes=len(ds.classes))
+    size = dataset_cfg.image_size
+    if data.image_size != size:
+        data.images = torch.cat([TF.resize(chunk, [size, size], antialias=True)
+                                 for chunk in data.images.split(4096)])
+    return data
 
 
 def decode_file(path: Path, channels: int, background: str, size: int) -> torch.Tensor:
@@ -191,7 +198,8 @@ def image_files(root: Path) -> list[Path]:
     return files
 
 
-def _load_folder(cfg, streamable: bool = False) -> ImageData | ImageFiles:
+def _load_folder(cfg, split: str = "train", streamable: bool = False) -> ImageData | ImageFiles:
+    """Every image under dataset.root (a folder has no splits: `split` is ignored)."""
     if cfg.root is None or not Path(str(cfg.root)).expanduser().is_dir():
         raise GentrainError(f"dataset.root={cfg.root} is not a folder; point it at a folder of images")
     root = Path(str(cfg.root)).expanduser()
@@ -219,8 +227,49 @@ def _load_folder(cfg, streamable: bool = False) -> ImageData | ImageFiles:
     return ImageData(torch.stack(images), None)
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """A row of the dataset table: how to load a split, and what a model and the metrics need to know
+    before loading it."""
+
+    load: Callable                # (dataset_cfg, split, streamable) -> ImageData | ImageFiles
+    num_classes: int = 0          # 0: unlabelled
+    channels: int | None = None   # None: the config says (dataset.channels of an image folder)
+    points: bool = False          # 2-D points of a toy mixture, not images
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
+
+
+DATASETS = {
+    "mnist": Dataset(functools.partial(_load_torchvision, "mnist"), num_classes=10, channels=1),
+    "fashion_mnist": Dataset(functools.partial(_load_torchvision, "fashion_mnist"), num_classes=10, channels=1),
+    "cifar10": Dataset(functools.partial(_load_torchvision, "cifar10"), num_classes=10, channels=3),
+    "folder": Dataset(_load_folder),
+    "ring8": Dataset(_load_toy, channels=2, points=True),
+    "grid25": Dataset(_load_toy, channels=2, points=True),
+}
+LABELLED = tuple(name for name, d in DATASETS.items() if d.labelled)
+TOY = tuple(name for name, d in DATASETS.items() if d.points)
+
+
+def dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise GentrainError(f"dataset.name={name!r} is unknown; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def facts(dataset_cfg) -> DataFacts:
+    """The DataFacts of a dataset config, known without loading it."""
+    d = dataset(dataset_cfg.name)
+    if d.points:
+        return DataFacts(d.channels, 0)
+    return DataFacts(d.channels or dataset_cfg.channels, dataset_cfg.image_size, d.num_classes)
+
+
 def on_device_setting(cfg) -> str | bool:
-    """dataset.on_device: auto | true | false (checked by config.check_fast; configs from before the key: auto)."""
+    """dataset.on_device: auto | true | false (checked by config.check_train; configs from before the key: auto)."""
     return cfg.get("on_device", "auto")
 
 
@@ -248,16 +297,18 @@ class Batches:
     - held in pinned host memory: gathered there and copied to the GPU without blocking;
     - streamed (ImageFiles): DataLoader workers decode the files of the coming steps ahead of the loop.
     A batch is (x, y): images in [-1, 1] (or points), each mirrored left-right with probability 1/2 under
-    dataset.hflip, and their labels, None for unlabelled data. Under torchrun, batch_size is the global
+    dataset.hflip, in the networks' memory layout (channels_last on CUDA), and their labels, None for
+    unlabelled data. Under torchrun, batch_size is the global
     batch and each rank gets its own rows of it (gentrain.dist).
     """
 
     def __init__(self, data: ImageData | ImageFiles, batch_size: int, seed: int, device: torch.device,
-                 on_device: str | bool = "auto", hflip: bool = False, workers: int = 4):
+                 on_device: str | bool = "auto", hflip: bool = False, workers: int = 4, channels_last: bool = False):
         n = len(data)
         if batch_size > n:
             raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
         self.n, self.batch_size, self.seed, self.device, self.hflip = n, batch_size, seed, device, hflip
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.rows = dist.local_rows(batch_size)
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
@@ -296,7 +347,7 @@ class Batches:
         if self.hflip:
             flip = dist.per_example(lambda m: torch.rand(m, device=x.device) < 0.5, len(x))
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, y
+        return x.contiguous(memory_format=self.layout), y
 
     def _streamed(self, step: int) -> torch.Tensor:
         """Batch `step` from the DataLoader, whose batch sampler walks the same order from the step asked for."""

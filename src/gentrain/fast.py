@@ -6,6 +6,8 @@ the same arithmetic up to floating-point order (tests/test_fast.py checks it on 
 there is one).
 """
 
+import functools
+
 import torch
 
 
@@ -26,9 +28,22 @@ def compile_networks(model: torch.nn.Module) -> None:
         net.compile()
 
 
+class StepGraphs:
+    """trainer.cuda_graphs: a StepGraph for each set of phases a step can run, so a phase that runs every k
+    steps (lazy regularisation) is in the graph replayed on its steps and absent from the other one."""
+
+    def __init__(self, step_fn, device: torch.device):
+        self.step_fn, self.device, self.graphs = step_fn, device, {}
+
+    def __call__(self, phases: tuple, inputs: list[tuple], step: int):
+        if phases not in self.graphs:
+            self.graphs[phases] = StepGraph(functools.partial(self.step_fn, phases), self.device)
+        return self.graphs[phases](inputs, step)
+
+
 class StepGraph:
-    """trainer.cuda_graphs: one whole training step (every phase's forward, backward, optimizer step and
-    after_step hook) captured once as a CUDA graph and replayed, so a step costs one launch instead of
+    """One whole training step (every phase's forward, backward, optimizer step and after_step hook)
+    captured once as a CUDA graph and replayed, so a step costs one launch instead of
     hundreds; at small batches the GPU otherwise waits on the CPU launching kernels. This is PyTorch's
     "whole-network capture" (torch.cuda.graph; CUDA semantics notes, "CUDA Graphs"):
 

@@ -10,17 +10,14 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
-from gentrain import GentrainError, checkpoint, data
-from gentrain.cli import reported
-from gentrain.config import config_dir
-from gentrain.data import ImageData, to_signed
-from gentrain.loop import pick_device
+from gentrain import checkpoint, data
+from gentrain.data import ImageData
+from gentrain.errors import GentrainError
+from gentrain.images import to_signed
 
 log = logging.getLogger("gentrain")
 
@@ -96,13 +93,13 @@ def save(model: Classifier, path: Path, dataset: str, image_size: int, test_accu
 
 def load(path: Path, device: torch.device) -> tuple[Classifier, dict]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = Classifier(ckpt["channels"], ckpt["num_classes"])
-        model.load_state_dict(ckpt["model"])
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model = Classifier(stored["channels"], stored["num_classes"])
+        model.load_state_dict(stored["model"])
     except Exception as e:
         raise GentrainError(f"cannot read the cached classifier {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             f"delete it and it is retrained on next use") from None
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval(), stored
 
 
 def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -> tuple[Classifier, dict]:
@@ -121,20 +118,3 @@ def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -
         save(model, path, dataset_cfg.name, dataset_cfg.image_size, acc, time.perf_counter() - t0)
         log.info("classifier test accuracy %.2f%% (%.0f s)", 100 * acc, time.perf_counter() - t0)
     return load(path, device)
-
-
-@hydra.main(config_path=str(config_dir()), config_name="classifier", version_base="1.3")
-@reported
-def main(cfg: DictConfig) -> None:
-    """`gentrain classifier dataset=NAME`: train (or show) the cached classifier of a dataset."""
-    from gentrain.evaluate import cache_dir_for  # evaluate builds on this module
-
-    device = pick_device(cfg.device, key="device")
-    cache = cache_dir_for(cfg.metrics, cfg.dataset)
-    path = path_for(cache, cfg.dataset.name, cfg.dataset.image_size)
-    if cfg.retrain and path.is_file():
-        path.unlink()
-    _, info = ensure(cfg.dataset, cache, device, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     seed=cfg.seed)
-    print(f"{info['dataset']} {info['image_size']}px classifier: test accuracy {100 * info['test_accuracy']:.2f}% "
-          f"(trained in {info['seconds']:.0f} s); {path}")

@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
-from gentrain import GentrainError, checkpoint, data
+from gentrain import checkpoint, data
+from gentrain.errors import GentrainError
+from gentrain.images import to_signed
 from gentrain.metrics import classifier, scores
 
 log = logging.getLogger("gentrain")
@@ -52,7 +54,7 @@ def classifier_space(dataset_cfg, cache_dir: Path, device: torch.device) -> Feat
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:8]  # a retrained classifier is a new space
 
     def extract(images):
-        return _batched(lambda x: model(data.to_signed(x)), images, device, 1000)
+        return _batched(lambda x: model(to_signed(x)), images, device, 1000)
 
     acc = info["test_accuracy"]
     return FeatureSpace("classifier", f"classifier ({info['dataset']} {info['image_size']}px, "
@@ -103,7 +105,7 @@ def space(metrics_cfg, dataset_cfg, labelled: bool, cache_dir: Path, device: tor
         features = "classifier" if labelled else "inception"
     if features == "classifier":
         if not labelled:
-            raise GentrainError(f"metrics.features=classifier needs a labelled dataset (mnist, fashion_mnist, cifar10); "
+            raise GentrainError(f"metrics.features=classifier needs a labelled dataset ({', '.join(data.LABELLED)}); "
                                 f"{dataset_cfg.name} has no labels: use metrics.features=inception")
         return classifier_space(dataset_cfg, cache_dir, device)
     if features == "inception":

@@ -1,36 +1,64 @@
-"""Model families. Each exposes `phases` (the phase runs of one training step, in order),
-`phase_parameters(phase)`, `loss(phase, x, y, step)`, `noise(n)`, `sample(z)`, `num_classes` (0 when
-unconditional) and optionally `after_step(phase, step)`; the training loop knows nothing else about them."""
+"""Model families, each a class that meets the contract in family.py, and how a `model` config becomes one.
+
+A checkpoint names its family by one of the keys of FAMILIES; rebuilding a model never imports a class
+path read from a file.
+"""
+
+import inspect
 
 import torch
 from torch import nn
 
-from gentrain import GentrainError
+from gentrain.data import DataFacts
+from gentrain.errors import GentrainError
+from gentrain.models.family import Family, Phase
 from gentrain.models.gan import GAN
 from gentrain.models.vae import VAE
 from gentrain.models.vqvae import VQVAE
 
-# A checkpoint names its family by one of these keys; rebuilding a model never imports a
-# class path read from a file.
-FAMILIES = {"gan": GAN, "vae": VAE, "vqvae": VQVAE}
+FAMILIES: dict[str, type[Family]] = {"gan": GAN, "vae": VAE, "vqvae": VQVAE}
+
+__all__ = ["FAMILIES", "Family", "Phase", "build", "check", "family", "generate", "grid_codes", "settings"]
 
 
-def build(model_cfg: dict, channels: int, image_size: int, num_classes: int = 0) -> nn.Module:
+def family(name) -> type[Family]:
+    if name not in FAMILIES:
+        raise GentrainError(f"model.family={name!r} is unknown; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def settings(model_cfg) -> tuple[type[Family], dict]:
+    """The family a `model` config names, and its settings: the config's keys over the family's defaults.
+    A key the family does not have (+model.foo=1) is refused."""
+    given = dict(model_cfg)
+    cls = family(given.pop("family", None))
+    params = inspect.signature(cls).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    unknown = [k for k in given if k not in defaults or k == "num_classes"]
+    if unknown:
+        keys = ", ".join(k for k in defaults if k != "num_classes")
+        raise GentrainError(f"model.{unknown[0]} is not a setting of model={model_cfg['family']}; its settings are {keys}")
+    defaults.pop("num_classes", None)
+    return cls, {**defaults, **given}
+
+
+def check(model_cfg, facts: DataFacts) -> None:
+    """Refuse a `model` config that is wrong, or wrong for data with these facts, before any data loads."""
+    cls, s = settings(model_cfg)
+    cls.check(s, facts)
+
+
+def build(model_cfg, channels: int, image_size: int, num_classes: int = 0) -> nn.Module:
     """The model described by a `model` config, sized for the dataset's channels and image size
     (for 2-D points: channels is the dimension and image_size 0); conditional models get the classes."""
-    kwargs = dict(model_cfg)
-    if kwargs.get("conditional"):
-        kwargs["num_classes"] = num_classes
-    family = kwargs.pop("family", None)
-    if family not in FAMILIES:
-        raise GentrainError(f"model.family={family!r} is unknown; choose from {', '.join(FAMILIES)}")
-    try:
-        return FAMILIES[family](channels=channels, image_size=image_size, **kwargs)
-    except TypeError as e:  # an unknown key such as +model.foo=1
-        raise GentrainError(f"model={family}: {e}") from None
+    cls, s = settings(model_cfg)
+    cls.check(s, DataFacts(channels, image_size, num_classes))
+    if s.get("conditional"):
+        s["num_classes"] = num_classes
+    return cls(channels=channels, image_size=image_size, **s)
 
 
-def grid_codes(model, n: int, generator: torch.Generator | None = None, label: int | None = None):
+def grid_codes(model: Family, n: int, generator: torch.Generator | None = None, label: int | None = None):
     """Latents for a sample grid, with their class labels and row length: a conditional model gets one
     class per row (or every image of class `label`); an unconditional one about a square grid."""
     classes = model.num_classes
@@ -40,3 +68,13 @@ def grid_codes(model, n: int, generator: torch.Generator | None = None, label: i
         return model.noise(n, generator=generator), torch.full((n,), label, dtype=torch.long), None
     cols = max(1, n // classes)
     return model.noise(classes * cols, generator=generator), torch.arange(classes).repeat_interleave(cols), cols
+
+
+@torch.no_grad()
+def generate(model: Family, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """model.sample over the codes z (and class labels y), batch_size at a time on `device`; images in
+    [-1, 1] (or points) on the CPU."""
+    if y is None:
+        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
+    return torch.cat([model.sample(zb.to(device), yb.to(device)).cpu()
+                      for zb, yb in zip(z.split(batch_size), y.split(batch_size))])

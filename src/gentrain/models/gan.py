@@ -1,6 +1,7 @@
-"""The GAN family: a generator G and a discriminator D trained in two phases, D (d_steps times) then G.
+"""The GAN family: a generator G and a discriminator D trained in phases: D (d_steps times), Dreg (lazy
+regularisation, every r1_every steps) and G.
 
-The loss (models/losses.py), D's regularisers, DiffAugment, class conditioning and the EMA of G are
+The loss and D's regularisers (models/losses.py), DiffAugment, class conditioning and the EMA of G are
 chosen by the model config; the architectures are DCGAN (models/nets.py), SNGAN's ResNet
 (models/resnet.py) and an MLP for 2-D toy data.
 """
@@ -11,15 +12,19 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gentrain import GentrainError
+from gentrain.checks import positive
+from gentrain.data import DataFacts
 from gentrain.dist import per_example
+from gentrain.errors import GentrainError
 from gentrain.models import augment as diffaug
 from gentrain.models import losses
-from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init
+from gentrain.models.family import EMA as EMA_CAPABILITY
+from gentrain.models.family import Phase
+from gentrain.models.losses import Regulariser
+from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init, plan
 from gentrain.models.resnet import ResNetD, ResNetG
 
 ARCHS = ("dcgan", "resnet", "mlp")
-PROBABILISTIC = ("ns", "minimax")  # D's output is a logit of P(real)
 
 
 class Projection(nn.Module):
@@ -71,31 +76,33 @@ class EMA(nn.Module):
 
 
 class GAN(nn.Module):
+    optimizers = ("D", "G")
+
     def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns",
                  arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,
                  gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, ema: float = 0.0,
                  augment: list | str = (), conditional: bool = False, num_classes: int = 0):
         super().__init__()
-        if arch == "auto":
-            arch = "mlp" if image_size == 0 else "dcgan"
-        check(loss=loss, arch=arch, d_steps=d_steps, d_norm=d_norm, gp=gp, clip=clip, r1=r1, r1_every=r1_every,
-              ema=ema, image_size=image_size, conditional=conditional, num_classes=num_classes)
-        self.z_dim, self.loss_name, self.points = z_dim, loss, arch == "mlp"
-        self.d_loss, self.g_loss = losses.LOSSES[loss]
-        self.gp, self.clip, self.r1, self.r1_every = gp, clip, r1, r1_every
+        arch = resolve_arch(arch, image_size)
+        self.z_dim, self.points = z_dim, arch == "mlp"
+        self.loss_fn = losses.LOSSES[loss]
         self.num_classes = num_classes if conditional else 0
-        try:
-            self.augment = diffaug.parse(augment)
-        except ValueError as e:
-            raise GentrainError(f"model.augment: {e}") from None
-        if self.augment and self.points:
-            raise GentrainError("model.augment (DiffAugment) transforms images; use it with model.arch=dcgan|resnet")
+        self.augment = diffaug.parse(augment)
+        # D's regularisers: the gradient penalty belongs to wgan_gp and clipping to wgan, as in the papers;
+        # R1 (weight gamma / 2) goes with any loss.
+        self.regularisers = [*([Regulariser("gp", gp)] if loss == "wgan_gp" else []),
+                             *([Regulariser("r1", 0.5 * r1, r1_every)] if r1 else []),
+                             *([Regulariser("clip", clip)] if loss == "wgan" else [])]
         # D's batch norm mixes examples, which a per-example gradient penalty or spectral norm's
         # Lipschitz bound does not allow for (Gulrajani et al. 2017, Sec. 4): auto leaves it out then.
         if d_norm == "auto":
             d_norm = "none" if sn or loss == "wgan_gp" or r1 > 0 else "batch"
 
-        self.phases = ("D",) * d_steps + ("G",)  # the runs of one training step: a step is one G update
+        # The runs of one training step, which is one G update: D d_steps times, the lazy penalties as their
+        # own phase every few steps (StyleGAN2's Dreg), then G.
+        lazy = {reg.every for reg in self.lazy}
+        self.phases = (*[Phase("D", "D")] * d_steps, *[Phase("Dreg", "D", every) for every in sorted(lazy)],
+                       Phase("G", "G"))
         # D gives one logit (or critic score) per example; G's raw output is squashed to [-1, 1] for images.
         if arch == "dcgan":
             self.G = Decoder(z_dim, channels, image_size, ch, num_classes=self.num_classes)
@@ -125,9 +132,46 @@ class GAN(nn.Module):
                     spectral_norm(m)
         self.G_ema = EMA(self.G, ema) if ema else None
         self.use_ema = bool(ema)  # sampling reads G_ema; `ema=false` at sample/eval time reads G
+        self.capabilities = frozenset({EMA_CAPABILITY} if ema else ())
 
-    def phase_parameters(self, phase: str):
-        return {"D": self.D, "G": self.G}[phase].parameters()
+    @property
+    def lazy(self) -> list[Regulariser]:
+        """The penalties that run every few steps, in the Dreg phase."""
+        return [reg for reg in self.regularisers if reg.every > 1 and not reg.constraint]
+
+    @classmethod
+    def check(cls, s, facts: DataFacts) -> None:
+        """The GAN settings as one clear line each when wrong."""
+        if s["loss"] not in losses.LOSSES:
+            raise GentrainError(f"model.loss={s['loss']!r} is not a GAN loss; choose from {', '.join(losses.LOSSES)}")
+        if s["arch"] not in (*ARCHS, "auto"):
+            raise GentrainError(f"model.arch={s['arch']!r} is unknown; choose from {', '.join(ARCHS)}")
+        arch = resolve_arch(s["arch"], facts.image_size)
+        if (arch == "mlp") != facts.points:
+            raise GentrainError("model.arch=mlp is for 2-D points (dataset=ring8|grid25); images need model.arch=dcgan|resnet"
+                                if arch == "mlp" else f"model.arch={arch} needs images; this dataset holds 2-D points, "
+                                f"which need model.arch=mlp (or auto)")
+        if not facts.points:
+            plan(facts.image_size)
+        for key in ("z_dim", "ch", "depth", "d_steps", "r1_every"):
+            positive(f"model.{key}", s[key])
+        if s["d_norm"] not in ("auto", "batch", "none"):
+            raise GentrainError(f"model.d_norm must be auto, batch or none, got {s['d_norm']!r}")
+        gp, r1, clip, ema = s["gp"], s["r1"], s["clip"], s["ema"]
+        if not (gp >= 0 and r1 >= 0 and clip > 0 and 0 <= ema < 1):
+            raise GentrainError(f"need model.gp >= 0, model.r1 >= 0, model.clip > 0 and 0 <= model.ema < 1; "
+                                f"got gp={gp}, r1={r1}, clip={clip}, ema={ema}")
+        try:
+            augment = diffaug.parse(s["augment"])
+        except ValueError as e:
+            raise GentrainError(f"model.augment: {e}") from None
+        if augment and facts.points:
+            raise GentrainError("model.augment (DiffAugment) transforms images; use it with model.arch=dcgan|resnet")
+        if s["conditional"] and not facts.num_classes:
+            raise GentrainError("model.conditional=true needs a labelled dataset (one with classes); this one has none")
+
+    def phase_parameters(self, opt: str):
+        return {"D": self.D, "G": self.G}[opt].parameters()
 
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator, device=device)
@@ -147,63 +191,57 @@ class GAN(nn.Module):
         return self._generate(self.G_ema if self.use_ema and self.G_ema is not None else self.G, z, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
-        z = per_example(lambda m: self.noise(m, device=x.device), len(x))
         cond = self._cond(y)
         aug = lambda images: diffaug.diff_augment(images, self.augment)
+        # The penalties differentiate D's input gradient, a second backward that compiled networks
+        # (trainer.compile) do not support: they run D's plain forward.
+        if phase == "Dreg":
+            # Lazy regularisation (Karras et al. 2020, Sec. 3.1): each penalty every `every` steps, scaled by
+            # `every` so its average weight is unchanged, on augmented reals as D sees them.
+            real_in, loss, stats = aug(x), 0.0, {}
+            for reg in self.lazy:
+                term = reg.penalty(self.D.forward, real_in, None, *cond)
+                loss = loss + reg.weight * reg.every * term
+                stats[f"D/{reg.name}"] = term.detach()
+            return loss, stats
+        z = per_example(lambda m: self.noise(m, device=x.device), len(x))
         if phase == "D":
             with torch.no_grad():
                 fake = self._generate(self.G, z, y)
             real_in, fake_in = aug(x), aug(fake)
             real, fake_out = self.D(real_in, *cond).float(), self.D(fake_in, *cond).float()
-            loss = self.d_loss(real, fake_out)
-            if self.loss_name in PROBABILISTIC:  # D(x) and D(G(z)) as probabilities: is D winning?
+            loss = self.loss_fn.d(real, fake_out)
+            if self.loss_fn.logits:  # D(x) and D(G(z)) as probabilities: is D winning?
                 stats = {"D(x)": torch.sigmoid(real).mean(), "D(G(z))": torch.sigmoid(fake_out).mean()}
             else:
                 stats = {"D/real": real.mean(), "D/fake": fake_out.mean()}
-            # The penalties differentiate D's input gradient, a second backward that compiled networks
-            # (trainer.compile) do not support: they run D's plain forward.
-            if self.loss_name == "wgan_gp":
-                gp = losses.gradient_penalty(self.D.forward, real_in, fake_in, *cond)
-                loss = loss + self.gp * gp
-                stats["D/gp"] = gp
-            if self.r1 and (self.r1_every == 1 or step % self.r1_every == 0):
-                # Lazy regularisation (Karras et al. 2020, Sec. 3.1): the penalty every r1_every steps,
-                # scaled by r1_every so its average weight is unchanged.
-                r1 = losses.r1_penalty(self.D.forward, real_in, *cond)
-                loss = loss + 0.5 * self.r1 * self.r1_every * r1
-                stats["D/r1"] = r1
+            for reg in self.regularisers:
+                if reg.every == 1 and not reg.constraint:
+                    term = reg.penalty(self.D.forward, real_in, fake_in, *cond)
+                    loss = loss + reg.weight * term
+                    stats[f"D/{reg.name}"] = term
             return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
-        loss = self.g_loss(self.D(aug(self._generate(self.G, z, y)), *cond).float())
+        fake = self.D(aug(self._generate(self.G, z, y)), *cond).float()
+        real = None
+        if self.loss_fn.g_reads_real:  # a relativistic loss compares with D's scores of real images
+            with torch.no_grad():
+                real = self.D(aug(x), *cond).float()
+        loss = self.loss_fn.g(real, fake)
         return loss, {"G/loss": loss.detach()}
 
     @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
-        """After an optimizer step: WGAN's weight clipping to [-c, c] (Arjovsky et al. 2017, Alg. 1), and
-        the EMA update of G."""
-        if phase == "D" and self.loss_name == "wgan":
-            for p in self.D.parameters():
-                p.clamp_(-self.clip, self.clip)
+        """After an optimizer step: D's constraints (WGAN's weight clipping), and the EMA update of G."""
+        if phase == "D":
+            for reg in self.regularisers:
+                if reg.constraint:
+                    reg.apply(self.D)
         if phase == "G" and self.G_ema is not None:
             self.G_ema.update(self.G)
 
 
-def check(*, loss, arch, d_steps, d_norm, gp, clip, r1, r1_every, ema, image_size, conditional, num_classes):
-    """The GAN settings as one clear line each when wrong."""
-    if loss not in losses.LOSSES:
-        raise GentrainError(f"model.loss={loss!r} is not a GAN loss; choose from {', '.join(losses.LOSSES)}")
-    if arch not in ARCHS:
-        raise GentrainError(f"model.arch={arch!r} is unknown; choose from {', '.join(ARCHS)}")
-    if (arch == "mlp") != (image_size == 0):
-        raise GentrainError("model.arch=mlp is for 2-D points (dataset=ring8|grid25); images need model.arch=dcgan|resnet"
-                            if arch == "mlp" else f"model.arch={arch} needs images; 2-D points need model.arch=mlp")
-    if isinstance(d_steps, bool) or not isinstance(d_steps, int) or d_steps < 1:
-        raise GentrainError(f"model.d_steps must be a positive integer, got {d_steps!r}")
-    if isinstance(r1_every, bool) or not isinstance(r1_every, int) or r1_every < 1:
-        raise GentrainError(f"model.r1_every must be a positive integer, got {r1_every!r}")
-    if d_norm not in ("auto", "batch", "none"):
-        raise GentrainError(f"model.d_norm must be auto, batch or none, got {d_norm!r}")
-    if not (gp >= 0 and r1 >= 0 and clip > 0 and 0 <= ema < 1):
-        raise GentrainError(f"need model.gp >= 0, model.r1 >= 0, model.clip > 0 and 0 <= model.ema < 1; "
-                            f"got gp={gp}, r1={r1}, clip={clip}, ema={ema}")
-    if conditional and not num_classes:
-        raise GentrainError("model.conditional=true needs a labelled dataset (mnist, fashion_mnist, cifar10)")
+def resolve_arch(arch: str, image_size: int) -> str:
+    """model.arch=auto: the MLP for 2-D points (image_size 0), DCGAN for images."""
+    if arch == "auto":
+        return "mlp" if image_size == 0 else "dcgan"
+    return arch

@@ -69,3 +69,16 @@ def mean(out: torch.Tensor, likelihood: str, sigma: float | None = None) -> torc
         out = out.chunk(2, 1)[0]
         return ((out + 1) / 2).clamp(0, 1) if likelihood == "dlogistic" else out.clamp(0, 1)
     return out.clamp(0, 1)
+
+
+def protocol(likelihood: str, binarize: bool) -> dict:
+    """What a model's likelihood numbers mean, for eval.json."""
+    if likelihood == "bernoulli" and binarize:
+        what = "log-likelihood of dynamically binarised images (the test split binarised once, by the seed)"
+    elif likelihood == "dlogistic":
+        what = "log-likelihood of the 8-bit images (discretised logistic)"
+    elif likelihood == "bernoulli":
+        what = "Bernoulli cross-entropy of grey pixels: not a normalised likelihood, not comparable"
+    else:
+        what = "density of continuous pixels in [0, 1]: not comparable to discrete likelihoods"
+    return {"likelihood": likelihood, "binarize": binarize, "meaning": what}

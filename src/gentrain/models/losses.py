@@ -1,9 +1,16 @@
-"""GAN losses and discriminator regularisers: small functions on D's logits, each with its paper.
+"""GAN losses and discriminator regularisers, as data: small functions on D's scores, each with its paper,
+and the tables that name them.
 
-A loss is a pair (d_loss(real, fake), g_loss(fake)) of functions of D's raw outputs; `model.loss=`
-picks one from LOSSES. The penalties take D and the images, because they differentiate D's output
-with respect to its input.
+A loss is a pair of functions of D's raw outputs on real and fake images, d(real, fake) for D and
+g(real, fake) for G; `model.loss=` picks a row of LOSSES. A loss whose G term reads D's real scores (the
+relativistic ones) says so, and G's phase then scores a real batch too; the others get real=None.
+A regulariser is a penalty added to D's loss (R1, the gradient penalty), which takes D and the images
+because it differentiates D's output with respect to its input, or a constraint on D's weights applied
+after D's optimizer step (weight clipping); `Regulariser` gives each its weight and interval.
 """
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +28,13 @@ def d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-real).mean() + F.softplus(fake).mean()
 
 
-def g_loss_ns(fake: torch.Tensor) -> torch.Tensor:
+def g_loss_ns(real, fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating G loss (Goodfellow et al. 2014, Sec. 3): maximise log D(G(z)), which gives
     strong gradients early on, when D rejects every sample and log(1 - D(G(z))) is flat."""
     return F.softplus(-fake).mean()
 
 
-def g_loss_minimax(fake: torch.Tensor) -> torch.Tensor:
+def g_loss_minimax(real, fake: torch.Tensor) -> torch.Tensor:
     """The saturating G loss of Eq. 1 itself: minimise log(1 - D(G(z)))."""
     return -F.softplus(fake).mean()
 
@@ -41,7 +48,7 @@ def d_loss_wgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return fake.mean() - real.mean()
 
 
-def g_loss_wgan(fake: torch.Tensor) -> torch.Tensor:
+def g_loss_wgan(real, fake: torch.Tensor) -> torch.Tensor:
     """-E[D(G(z))]; also hinge's G loss (Lim & Ye 2017; Miyato et al. 2018, Eq. 17)."""
     return -fake.mean()
 
@@ -59,18 +66,45 @@ def d_loss_lsgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (real - 1).pow(2).mean() + 0.5 * fake.pow(2).mean()
 
 
-def g_loss_lsgan(fake: torch.Tensor) -> torch.Tensor:
+def g_loss_lsgan(real, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (fake - 1).pow(2).mean()
 
 
+# The relativistic average GAN (Jolicoeur-Martineau 2019, Eqs. 12-13, RaSGAN): D judges whether a real
+# image is more realistic than the average fake, and the reverse, from the logits C:
+#     D: -E_x[log sigmoid(C(x) - E_z C(G(z)))] - E_z[log(1 - sigmoid(C(G(z)) - E_x C(x)))]
+#     G: the same with real and fake swapped,
+# so G's loss reads D's scores of real images too.
+
+
+def d_loss_ragan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-(real - fake.mean())).mean() + F.softplus(fake - real.mean()).mean()
+
+
+def g_loss_ragan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return d_loss_ragan(fake, real)
+
+
+@dataclass(frozen=True)
+class Loss:
+    d: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]          # D's loss (real, fake)
+    g: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]   # G's loss (real or None, fake)
+    logits: bool = False        # D's output is a logit of P(real): log its mean probabilities
+    g_reads_real: bool = False  # G's loss needs D's scores of real images
+
+
 LOSSES = {
-    "ns": (d_loss, g_loss_ns),
-    "minimax": (d_loss, g_loss_minimax),
-    "wgan": (d_loss_wgan, g_loss_wgan),
-    "wgan_gp": (d_loss_wgan, g_loss_wgan),
-    "hinge": (d_loss_hinge, g_loss_wgan),
-    "lsgan": (d_loss_lsgan, g_loss_lsgan),
+    "ns": Loss(d_loss, g_loss_ns, logits=True),
+    "minimax": Loss(d_loss, g_loss_minimax, logits=True),
+    "wgan": Loss(d_loss_wgan, g_loss_wgan),
+    "wgan_gp": Loss(d_loss_wgan, g_loss_wgan),
+    "hinge": Loss(d_loss_hinge, g_loss_wgan),
+    "lsgan": Loss(d_loss_lsgan, g_loss_lsgan),
+    "ragan": Loss(d_loss_ragan, g_loss_ragan, g_reads_real=True),
 }
+
+
+# Regularisers of D.
 
 
 def _input_grad_norm2(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -87,8 +121,41 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, *args) -> torch.
     return (_input_grad_norm2(D(x_hat, *args).float(), x_hat).sqrt() - 1).pow(2).mean()
 
 
-def r1_penalty(D, real: torch.Tensor, *args) -> torch.Tensor:
+def r1_penalty(D, real: torch.Tensor, fake: torch.Tensor | None = None, *args) -> torch.Tensor:
     """R1 (Mescheder et al. 2018, Eq. 9): E_x[||grad_x D(x)||^2] on real data only; the caller weighs it
     by gamma / 2. It pulls D's gradient to zero on the data manifold, where an equilibrium can hold."""
     x = real.detach().requires_grad_(True)
     return _input_grad_norm2(D(x, *args).float(), x).mean()
+
+
+@torch.no_grad()
+def clip_weights(D: torch.nn.Module, c: float) -> None:
+    """WGAN's weight clipping to [-c, c] after each critic update (Arjovsky et al. 2017, Alg. 1)."""
+    for p in D.parameters():
+        p.clamp_(-c, c)
+
+
+PENALTIES = {"gp": gradient_penalty, "r1": r1_penalty}  # penalty(D, real, fake, *labels) -> scalar
+CONSTRAINTS = {"clip": clip_weights}                     # constraint(D, weight), after D's step
+
+
+@dataclass(frozen=True)
+class Regulariser:
+    """A regulariser of D: a penalty (D/<name> is logged) added to D's loss times `weight`, or a constraint
+    applied to D's weights after its step with bound `weight`. A penalty with every > 1 is lazy (Karras
+    et al. 2020, StyleGAN2, Sec. 3.1): it runs as a phase of its own every `every` steps, weighted by
+    `every` so its average weight is unchanged."""
+
+    name: str
+    weight: float
+    every: int = 1
+
+    @property
+    def constraint(self) -> bool:
+        return self.name in CONSTRAINTS
+
+    def penalty(self, D, real: torch.Tensor, fake: torch.Tensor, *labels) -> torch.Tensor:
+        return PENALTIES[self.name](D, real, fake, *labels)
+
+    def apply(self, D: torch.nn.Module) -> None:
+        CONSTRAINTS[self.name](D, self.weight)

@@ -8,7 +8,7 @@ so `ch` is the width of the layer next to the pixels.
 import torch
 from torch import nn
 
-from gentrain import GentrainError
+from gentrain.errors import GentrainError
 
 # image size -> (side of the smallest feature map, number of stride-2 layers)
 PLANS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
@@ -16,7 +16,7 @@ PLANS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
 def plan(image_size: int) -> tuple[int, int]:
     if image_size not in PLANS:
-        raise GentrainError(f"image size {image_size} is not supported; use one of {sorted(PLANS)}")
+        raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, got {image_size!r}")
     return PLANS[image_size]
 
 

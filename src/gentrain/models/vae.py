@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gentrain import GentrainError
+from gentrain.checks import at_least, positive
+from gentrain.data import DataFacts
 from gentrain.dist import per_example
+from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
+from gentrain.models.family import CODEC, IWAE, LIKELIHOOD, RECONSTRUCT, Phase
 from gentrain.models.likelihoods import LIKELIHOODS
 from gentrain.models.nets import Decoder, Encoder, plan
 from gentrain.models.resnet import ResDecoder, ResEncoder
@@ -31,15 +34,16 @@ def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class VAE(nn.Module):
-    phases = ("vae",)
+    optimizers = ("vae",)
+    phases = (Phase("vae", "vae"),)
+    capabilities = frozenset({RECONSTRUCT, LIKELIHOOD, IWAE, CODEC})
+    num_codes = 0  # its codes are real vectors
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 16, ch: int = 64, beta: float = 1.0,
                  likelihood: str = "bernoulli", sigma: float | None = 0.1, binarize: bool = False,
                  kl_warmup_steps: int = 0, free_bits: float = 0.0, k: int = 1, conditional: bool = False,
                  num_classes: int = 0, arch: str = "conv"):
         super().__init__()
-        check(likelihood=likelihood, beta=beta, sigma=sigma, binarize=binarize, kl_warmup_steps=kl_warmup_steps,
-              free_bits=free_bits, k=k, conditional=conditional, num_classes=num_classes, arch=arch)
         self.z_dim, self.beta, self.likelihood, self.sigma = z_dim, beta, likelihood, sigma
         self.binarize, self.kl_warmup_steps, self.free_bits, self.k = binarize, kl_warmup_steps, free_bits, k
         self.num_classes = num_classes if conditional else 0
@@ -55,8 +59,39 @@ class VAE(nn.Module):
                                          nn.Flatten())
             self.decoder = ResDecoder(z_dim, ch, out, n, stem=base, num_classes=self.num_classes)
 
-    def phase_parameters(self, phase: str):
+    @classmethod
+    def check(cls, s, facts: DataFacts) -> None:
+        """The VAE settings as one clear line each when wrong."""
+        if facts.points:
+            raise GentrainError("model=vae models images, and this dataset holds 2-D points: train those with "
+                                "model=gan (experiment=toy)")
+        plan(facts.image_size)
+        if s["arch"] not in ARCHS:
+            raise GentrainError(f"model.arch={s['arch']!r} is unknown for model=vae; choose from {', '.join(ARCHS)}")
+        positive("model.z_dim", s["z_dim"])
+        positive("model.ch", s["ch"])
+        likelihood, beta, sigma, free_bits, k = s["likelihood"], s["beta"], s["sigma"], s["free_bits"], s["k"]
+        if likelihood not in LIKELIHOODS:
+            raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
+        if not beta >= 0 or (sigma is not None and not sigma > 0) or not free_bits >= 0:
+            raise GentrainError(f"need model.beta >= 0, model.sigma > 0 (or null: learned) and model.free_bits >= 0; "
+                                f"got beta={beta}, sigma={sigma}, free_bits={free_bits}")
+        if s["binarize"] and likelihood != "bernoulli":
+            raise GentrainError(f"model.binarize=true makes {{0, 1}} pixels, which only model.likelihood=bernoulli "
+                                f"describes; got likelihood={likelihood}")
+        at_least("model.k", k, 1)
+        at_least("model.kl_warmup_steps", s["kl_warmup_steps"], 0)
+        if k > 1 and (beta != 1 or free_bits or s["kl_warmup_steps"]):
+            raise GentrainError(f"model.k={k} trains the IWAE bound, which has no KL term to weigh: it takes "
+                                f"model.beta=1, free_bits=0 and kl_warmup_steps=0")
+        if s["conditional"] and not facts.num_classes:
+            raise GentrainError("model.conditional=true needs a labelled dataset (one with classes); this one has none")
+
+    def phase_parameters(self, opt: str):
         return self.parameters()
+
+    def after_step(self, phase: str, step) -> None:
+        pass
 
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator, device=device)
@@ -100,6 +135,25 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, y)[0], y)
 
+    # As a codec: an image's code is its posterior mean, priced at the rate KL(q(z|x) || p(z)).
+
+    @property
+    def code_shape(self) -> list[int]:
+        return [self.z_dim]
+
+    def encode_codes(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x, y)
+        return mu, kl_std_normal(mu, logvar)
+
+    def decode_codes(self, codes: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(codes.float(), y)
+
+    def describe_codes(self, dtype: torch.dtype, rate_bits: float, stored_bits: int) -> str:
+        return (f"codes: the posterior means of {self.z_dim} latent dimensions, stored as {str(dtype).split('.')[-1]}\n"
+                f"bits per image: {rate_bits:.1f} rate, KL(q(z|x) || p(z)) (Alemi et al. 2018: what a code drawn "
+                f"from q(z|x) costs with bits-back coding; the means stored here are raw floats); "
+                f"{stored_bits} as stored")
+
     def _log_w(self, x, y, mu, std, eps):
         """log w = log p(x|z) + log p(z) - log q(z|x) at z = mu + std * eps, for eps of shape (N, k, z_dim)."""
         n, k = eps.shape[:2]
@@ -123,6 +177,9 @@ class VAE(nn.Module):
             eps = per_example(lambda m: torch.randn(m, kc, self.z_dim, device=x.device), len(x))
             out.append(self._log_w(x, y, mu, std, eps))
         return torch.cat(out, 1)
+
+    def protocol(self) -> dict:
+        return likelihoods.protocol(self.likelihood, self.binarize)
 
     @torch.no_grad()
     def rate_distortion(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,24 +233,3 @@ class VAE(nn.Module):
             stats["vae/beta"] = beta.float()
         return loss, stats
 
-
-def check(*, likelihood, beta, sigma, binarize, kl_warmup_steps, free_bits, k, conditional, num_classes, arch):
-    """The VAE settings as one clear line each when wrong."""
-    if arch not in ARCHS:
-        raise GentrainError(f"model.arch={arch!r} is unknown for model=vae; choose from {', '.join(ARCHS)}")
-    if likelihood not in LIKELIHOODS:
-        raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
-    if not beta >= 0 or (sigma is not None and not sigma > 0) or not free_bits >= 0:
-        raise GentrainError(f"need model.beta >= 0, model.sigma > 0 (or null: learned) and model.free_bits >= 0; "
-                            f"got beta={beta}, sigma={sigma}, free_bits={free_bits}")
-    if binarize and likelihood != "bernoulli":
-        raise GentrainError(f"model.binarize=true makes {{0, 1}} pixels, which only model.likelihood=bernoulli "
-                            f"describes; got likelihood={likelihood}")
-    for key, value in (("k", k), ("kl_warmup_steps", kl_warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "k" else 0):
-            raise GentrainError(f"model.{key} must be an integer >= {1 if key == 'k' else 0}, got {value!r}")
-    if k > 1 and (beta != 1 or free_bits or kl_warmup_steps):
-        raise GentrainError(f"model.k={k} trains the IWAE bound, which has no KL term to weigh: it takes "
-                            f"model.beta=1, free_bits=0 and kl_warmup_steps=0")
-    if conditional and not num_classes:
-        raise GentrainError("model.conditional=true needs a labelled dataset (mnist, fashion_mnist, cifar10)")

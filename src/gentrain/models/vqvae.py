@@ -7,8 +7,12 @@ import math
 import torch
 from torch import nn
 
-from gentrain import GentrainError, dist
+from gentrain import dist
+from gentrain.checks import at_least, positive
+from gentrain.data import DataFacts
+from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
+from gentrain.models.family import CODEC, INTERPOLATE, LIKELIHOOD, RECONSTRUCT, Phase
 from gentrain.models.likelihoods import LIKELIHOODS
 from gentrain.models.nets import plan
 from gentrain.models.pixelcnn import PixelCNN
@@ -88,16 +92,15 @@ def restart_dead(codebook: torch.Tensor, count: torch.Tensor, total: torch.Tenso
 
 
 class VQVAE(nn.Module):
-    phases = ("vqvae", "prior")
+    optimizers = ("vqvae", "prior")
+    phases = (Phase("vqvae", "vqvae"), Phase("prior", "prior"))
+    capabilities = frozenset({RECONSTRUCT, INTERPOLATE, LIKELIHOOD, CODEC})
     num_classes = 0
 
     def __init__(self, channels: int, image_size: int, num_codes: int = 128, z_dim: int = 16, ch: int = 64,
                  beta: float = 0.25, codebook: str = "ema", decay: float = 0.99, restart: float = 1.0,
                  likelihood: str = "bernoulli", sigma: float | None = 0.1, prior_ch: int = 64, prior_layers: int = 6):
         super().__init__()
-        check(num_codes=num_codes, beta=beta, codebook=codebook, decay=decay, restart=restart, likelihood=likelihood,
-              sigma=sigma, prior_ch=prior_ch, prior_layers=prior_layers)
-        plan(image_size)  # a supported size, or one clear line
         self.num_codes, self.z_dim, self.beta, self.decay, self.restart = num_codes, z_dim, beta, decay, restart
         self.likelihood, self.sigma, self.ema = likelihood, sigma, codebook == "ema"
         self.side = image_size // 2 ** DOWN
@@ -118,10 +121,33 @@ class VQVAE(nn.Module):
             self.codebook = nn.Parameter(codes)
         self.prior = PixelCNN(num_codes, prior_ch, prior_layers)
 
-    def phase_parameters(self, phase: str):
-        if phase == "prior":
+    @classmethod
+    def check(cls, s, facts: DataFacts) -> None:
+        """The VQ-VAE settings as one clear line each when wrong."""
+        if facts.points:
+            raise GentrainError("model=vqvae models images, and this dataset holds 2-D points: train those with "
+                                "model=gan (experiment=toy)")
+        plan(facts.image_size)  # a supported size, or one clear line
+        if s["codebook"] not in CODEBOOKS:
+            raise GentrainError(f"model.codebook={s['codebook']!r} is unknown; choose from {', '.join(CODEBOOKS)}")
+        if s["likelihood"] not in LIKELIHOODS:
+            raise GentrainError(f"model.likelihood={s['likelihood']!r} is not supported; "
+                                f"choose from {', '.join(LIKELIHOODS)}")
+        at_least("model.num_codes", s["num_codes"], 2)
+        for key in ("z_dim", "ch", "prior_ch", "prior_layers"):
+            positive(f"model.{key}", s[key])
+        beta, decay, restart, sigma = s["beta"], s["decay"], s["restart"], s["sigma"]
+        if not beta >= 0 or not 0 < decay < 1 or not restart >= 0 or (sigma is not None and not sigma > 0):
+            raise GentrainError(f"need model.beta >= 0, 0 < model.decay < 1, model.restart >= 0 and model.sigma > 0 "
+                                f"(or null: learned); got beta={beta}, decay={decay}, restart={restart}, sigma={sigma}")
+
+    def phase_parameters(self, opt: str):
+        if opt == "prior":
             return self.prior.parameters()
         return [*self.encoder.parameters(), *self.decoder.parameters(), *([] if self.ema else [self.codebook])]
+
+    def after_step(self, phase: str, step) -> None:
+        pass
 
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """The randomness of n samples: one uniform per code cell, which ancestral sampling inverts."""
@@ -169,9 +195,28 @@ class VQVAE(nn.Module):
         z = za[:, None] + t.view(1, -1, 1, 1, 1) * (zb - za)[:, None]
         return self.decode(self.quantize(z.flatten(0, 1))[0])
 
-    def code_bits(self) -> float:
-        """Bits of one image's code at a fixed length: log2(K) per cell, the rate under a uniform prior."""
-        return self.side * self.side * math.log2(self.num_codes)
+    # As a codec: an image's code is its grid of code indices, priced under the PixelCNN prior.
+
+    @property
+    def code_shape(self) -> list[int]:
+        return [self.side, self.side]
+
+    def encode_codes(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.codes(x)
+        return idx.to(index_dtype(self.num_codes)), self.prior.nll(idx)
+
+    def decode_codes(self, codes: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(codes.long())
+
+    def describe_codes(self, dtype: torch.dtype, rate_bits: float, stored_bits: int) -> str:
+        side, k = self.side, self.num_codes
+        return (f"codes: {side}x{side} indices into {k} codes, stored as {str(dtype).split('.')[-1]}\n"
+                f"bits per image: {side * side * math.log2(k):.0f} at a fixed length ({side * side} cells x log2({k}) = "
+                f"{math.log2(k):.3g} bits); {rate_bits:.1f} entropy-coded with the PixelCNN prior (its -log2 p(codes), "
+                f"about the length an arithmetic coder reaches); {stored_bits} as stored")
+
+    def protocol(self) -> dict:
+        return likelihoods.protocol(self.likelihood, False)
 
     @torch.no_grad()
     def rate_distortion(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,15 +261,7 @@ class VQVAE(nn.Module):
                       "vqvae/usage": (counts > 0).float().mean()}
 
 
-def check(*, num_codes, beta, codebook, decay, restart, likelihood, sigma, prior_ch, prior_layers):
-    """The VQ-VAE settings as one clear line each when wrong."""
-    if codebook not in CODEBOOKS:
-        raise GentrainError(f"model.codebook={codebook!r} is unknown; choose from {', '.join(CODEBOOKS)}")
-    if likelihood not in LIKELIHOODS:
-        raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
-    for key, value in (("num_codes", num_codes), ("prior_ch", prior_ch), ("prior_layers", prior_layers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "num_codes" else 1):
-            raise GentrainError(f"model.{key} must be an integer >= {2 if key == 'num_codes' else 1}, got {value!r}")
-    if not beta >= 0 or not 0 < decay < 1 or not restart >= 0 or (sigma is not None and not sigma > 0):
-        raise GentrainError(f"need model.beta >= 0, 0 < model.decay < 1, model.restart >= 0 and model.sigma > 0 "
-                            f"(or null: learned); got beta={beta}, decay={decay}, restart={restart}, sigma={sigma}")
+
+def index_dtype(num_codes: int) -> torch.dtype:
+    """The smallest integer type that holds the indices 0..num_codes-1."""
+    return torch.uint8 if num_codes <= 256 else torch.int16 if num_codes <= 2 ** 15 else torch.int32

@@ -4,14 +4,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torchvision.transforms.v2.functional import to_pil_image
+from omegaconf import DictConfig
 
-from gentrain import GentrainError, checkpoint, data, models
-from gentrain.cli import reported
+from gentrain import checkpoint, data
 from gentrain.config import config_dir
-from gentrain.loop import pick_device, save_grid
-from gentrain.models import grid_codes
+from gentrain.device import pick_device
+from gentrain.errors import GentrainError, reported
+from gentrain.images import save_grid, save_pngs, to_signed
+from gentrain.models import generate, grid_codes
+from gentrain.models.family import INTERPOLATE, RECONSTRUCT
 
 MODES = ("grid", "interpolate", "reconstruct")
 STEPS = 10  # images per interpolation row
@@ -26,44 +27,16 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
-def load_model(path, device: torch.device, ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """The model a checkpoint describes, with its weights, in eval mode; ema=False samples a GAN's raw G
-    instead of the EMA of its weights."""
-    ckpt = checkpoint.load(path)
-    facts = ckpt["data"]
-    model = models.build(ckpt["config"]["model"], facts["channels"], facts["image_size"], facts.get("num_classes", 0))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise GentrainError(f"{path}: the stored weights do not fit the stored model config") from None
-    if hasattr(model, "use_ema"):
-        model.use_ema = ema and model.G_ema is not None
-    return model.to(device).eval(), ckpt
-
-
-@torch.no_grad()
-def generate(model, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
-    """model.sample over the codes z (and class labels y), batch_size at a time on `device`; images in
-    [-1, 1] (or points) on the CPU."""
-    if y is None:
-        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
-    return torch.cat([model.sample(zb.to(device), yb.to(device)).cpu()
-                      for zb, yb in zip(z.split(batch_size), y.split(batch_size))])
-
-
-def draw_test_images(cfg: DictConfig, ckpt: dict, n: int,
+def draw_test_images(cfg: DictConfig, ckpt: checkpoint.Checkpoint, n: int,
                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n random test images of the checkpoint's dataset, in [-1, 1], and their labels (None without)."""
-    dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
-    if cfg.data_root is not None:
-        dataset_cfg.root = cfg.data_root
-    test = data.load(dataset_cfg, split="test")
+    test = data.load(ckpt.dataset_config(cfg.data_root), split="test")
     pick = torch.randperm(len(test.images), generator=g)[:n]
-    return data.to_signed(test.images[pick]), None if test.labels is None else test.labels[pick]
+    return to_signed(test.images[pick]), None if test.labels is None else test.labels[pick]
 
 
 @torch.no_grad()
-def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor, int | None]:
+def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> tuple[torch.Tensor, int | None]:
     """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
     g = torch.Generator().manual_seed(cfg.seed)
     label = cfg.get("class")
@@ -76,7 +49,7 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
     if cfg.mode == "grid":
         z, y, nrow = grid_codes(model, cfg.n, g, label)
         return generate(model, z, device, cfg.batch_size, y), cfg.nrow or nrow
-    if cfg.mode == "interpolate" and hasattr(model, "interpolate"):
+    if cfg.mode == "interpolate" and INTERPOLATE in model.capabilities:
         # A VQ-VAE's codes are discrete, with nothing between two of them: it interpolates the encoder's
         # continuous outputs between pairs of test images instead, quantising every step.
         rows = max(1, cfg.n // STEPS)
@@ -93,9 +66,9 @@ def images_for(cfg: DictConfig, model, ckpt: dict, device) -> tuple[torch.Tensor
             y = torch.full((rows,), label) if label is not None else torch.arange(rows) % model.num_classes
             y = y.repeat_interleave(STEPS)
         return generate(model, z, device, cfg.batch_size, y), STEPS
-    if not hasattr(model, "reconstruct"):
+    if RECONSTRUCT not in model.capabilities:
         raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); "
-                            f"this one is a {ckpt['family']}")
+                            f"this one is a {ckpt.family}")
     x, y = draw_test_images(cfg, ckpt, cfg.n, g)
     y = y.to(device) if model.num_classes else None  # a conditional VAE reads the class too
     bs = cfg.batch_size
@@ -115,23 +88,22 @@ def main(cfg: DictConfig) -> None:
     if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1 or cfg.batch_size < 1:
         raise GentrainError(f"n and batch_size must be positive integers, got n={cfg.n}, batch_size={cfg.batch_size}")
     device = pick_device(cfg.device, key="device")
-    path = checkpoint.resolve(cfg.ckpt)
-    model, ckpt = load_model(path, device, cfg.ema)
+    model, ckpt = checkpoint.load_model(cfg.ckpt, device, cfg.ema)
     images, nrow = images_for(cfg, model, ckpt, device)
     reference = None
     if images.ndim == 2:  # a toy model's points: one scatter plot over the dataset's test points
         if str(cfg.out or "").endswith("/") or (cfg.out and Path(str(cfg.out)).is_dir()):
             raise GentrainError("2-D points are drawn as one scatter plot; give out=FILE.png, not a folder")
-        reference = data.load(OmegaConf.create(ckpt["config"]["dataset"]), split="test").images[:len(images)]
+        reference = data.load(ckpt.dataset_config(), split="test").images[:len(images)]
 
+    path = ckpt.path
     out = cfg.out
     if out is None:
         out = checkpoint.run_dir_of(path) / "samples" / f"{path.stem}_{cfg.mode}_seed{cfg.seed}.png"
     out = Path(str(out)).expanduser()
     if str(cfg.out or "").endswith("/") or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)  # one PNG per image, e.g. for FID tools
-        for i, img in enumerate(data.to_uint8(images)):
-            to_pil_image(img).save(out / f"{i:06d}.png")  # greyscale data stays single-channel
+        save_pngs(images, out)
         print(f"wrote {len(images)} images to {out}/")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)

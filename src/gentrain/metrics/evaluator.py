@@ -1,28 +1,26 @@
-"""`gentrain eval ckpt=PATH`: sample-quality and likelihood metrics, also run by training's eval_every.
+"""The Evaluator behind `gentrain eval` and training's eval_every: sample-quality and likelihood metrics.
 
 An Evaluator is built once (feature network, cached reference statistics, test images) and then
 scores a model, or a set of real images for the real-data floor, as a flat dict whose keys name the
-feature space: fid@classifier, precision@inception, ... ; nelbo and nll are in nats per image.
+feature space: fid@classifier, precision@inception, ... ; nelbo and nll are in nats per image. What it
+scores follows the model's capabilities (models/family.py), not its family's name.
 """
 
 import hashlib
-import json
 import logging
 import math
 import os
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gentrain import GentrainError, checkpoint, data
-from gentrain.cli import reported
-from gentrain.config import config_dir
-from gentrain.loop import pick_device
+from gentrain import data
+from gentrain.errors import GentrainError
+from gentrain.images import to_signed, to_uint8
 from gentrain.metrics import features, scores
-from gentrain.sample import generate, load_model
+from gentrain.models import generate
+from gentrain.models.family import CODEC, IWAE, LIKELIHOOD
 
 log = logging.getLogger("gentrain")
 
@@ -56,14 +54,15 @@ def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500):
     z = model.noise(n, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(n) % model.num_classes if model.num_classes else None
     samples = generate(model, z, device, batch_size, y)
-    return (samples if samples.ndim == 2 else data.to_uint8(samples)), y
+    return (samples if samples.ndim == 2 else to_uint8(samples)), y
 
 
 class Evaluator:
     """Everything metrics need that does not depend on the model, loaded once."""
 
-    def __init__(self, metrics_cfg, dataset_cfg, family: str | None, n: int, seed: int, device: torch.device,
-                 nll_n: int | None = None):
+    def __init__(self, metrics_cfg, dataset_cfg, capabilities: frozenset | None, n: int, seed: int,
+                 device: torch.device, nll_n: int | None = None):
+        """`capabilities` are the model's (None: real images, the floor)."""
         compute = list(metrics_cfg.compute)
         unknown = [m for m in compute if m not in METRICS]
         if unknown or not compute:
@@ -71,11 +70,11 @@ class Evaluator:
                                 f"choose from {', '.join(METRICS)}")
         if metrics_cfg.split not in ("train", "test"):
             raise GentrainError(f"metrics.split must be train or test, got {metrics_cfg.split!r}")
-        labelled = dataset_cfg.name in data.TORCHVISION
-        toy = dataset_cfg.name in data.TOY
+        table = data.dataset(dataset_cfg.name)
+        labelled, toy = table.labelled, table.points
         self.skipped = {}
-        if "nll" in compute and family not in ("vae", "vqvae"):
-            self.skipped["nll"] = "needs a VAE" if family else "real images have no model likelihood"
+        if "nll" in compute and (capabilities is None or LIKELIHOOD not in capabilities):
+            self.skipped["nll"] = "needs a VAE" if capabilities is not None else "real images have no model likelihood"
         if "classes" in compute and not labelled and not toy:
             self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
         for m in compute:
@@ -84,9 +83,10 @@ class Evaluator:
             if m == "modes" and not toy:
                 self.skipped[m] = "needs a 2-D toy dataset (ring8, grid25)"
         self.compute = [m for m in compute if m not in self.skipped]
-        if "nll" in self.compute and family == "vqvae":  # its rate and distortion are still measured
-            self.skipped["nll"] = ("a VQ-VAE's q(z|x) is one code per cell, not a distribution to importance-sample, "
-                                   "so there is no IWAE estimate; its bound is -log p(x) <= distortion + rate")
+        if "nll" in self.compute and IWAE not in capabilities:  # its rate and distortion are still measured
+            self.skipped["nll"] = ("this model's q(z|x) is not a distribution to importance-sample (a VQ-VAE's is one "
+                                   "code per cell), so there is no IWAE estimate; its bound is -log p(x) <= "
+                                   "distortion + rate")
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
         # Building the feature network (perhaps training it) must not move the global RNG of a
         # training run that is being watched.
@@ -184,7 +184,7 @@ class Evaluator:
         rate is what its codes cost under its PixelCNN prior, beside rate_uniform_bits, their cost at a
         fixed length of log2(K) bits per cell."""
         k, dims = self.cfg.k, self.test_images[0].numel()
-        iwae = hasattr(model, "log_weights")
+        iwae = IWAE in model.capabilities
         sums = {"elbo": [], "iwae": [], "rate": [], "distortion": []} if iwae else {"rate": [], "distortion": []}
         images = self.test_images.split(batch_size)
         labels = self.test_labels.split(batch_size) if model.num_classes else [None] * len(images)
@@ -193,7 +193,7 @@ class Evaluator:
             for xb, yb in tqdm(list(zip(images, labels)), desc=f"NLL, k={k}", unit="batch", leave=False,
                                disable=None):
                 yb = None if yb is None else yb.to(self.device)
-                x = model.observe(data.to_signed(xb.to(self.device)))
+                x = model.observe(to_signed(xb.to(self.device)))
                 values = {}
                 if iwae:
                     log_w = model.log_weights(x, k, y=yb)
@@ -203,76 +203,11 @@ class Evaluator:
                     sums[key].append(v.double().cpu())
         mean = {key: torch.cat(v).mean().item() for key, v in sums.items()}
         if not iwae:
-            return {"rate_bits": mean["rate"] / math.log(2), "rate_uniform_bits": model.code_bits(),
-                    "distortion": mean["distortion"]}
+            out = {"rate_bits": mean["rate"] / math.log(2)}
+            if CODEC in model.capabilities and model.num_codes:  # discrete codes at a fixed length
+                out["rate_uniform_bits"] = math.prod(model.code_shape) * math.log2(model.num_codes)
+            return out | {"distortion": mean["distortion"]}
         nelbo, nll = -mean["elbo"], -mean["iwae"]
         bpd = 1 / (dims * math.log(2))
         return {"nelbo": nelbo, "nll": nll, "nelbo_bpd": nelbo * bpd, "nll_bpd": nll * bpd,
                 "rate_bits": mean["rate"] / math.log(2), "distortion": mean["distortion"]}
-
-
-def protocol(model_cfg: dict) -> dict:
-    """What a VAE's likelihood numbers mean, for eval.json."""
-    likelihood, binarize = model_cfg.get("likelihood"), model_cfg.get("binarize", False)
-    if likelihood == "bernoulli" and binarize:
-        what = "log-likelihood of dynamically binarised images (the test split binarised once, by the seed)"
-    elif likelihood == "dlogistic":
-        what = "log-likelihood of the 8-bit images (discretised logistic)"
-    elif likelihood == "bernoulli":
-        what = "Bernoulli cross-entropy of grey pixels: not a normalised likelihood, not comparable"
-    else:
-        what = "density of continuous pixels in [0, 1]: not comparable to discrete likelihoods"
-    return {"likelihood": likelihood, "binarize": binarize, "meaning": what}
-
-
-def table(result: dict) -> str:
-    lines = [f"{k:<24} {v:.6g}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in result["metrics"].items()]
-    lines += [f"{k:<24} skipped: {why}" for k, why in result["skipped"].items()]
-    head = [f"{result['what']}, n={result['n']}, seed={result['seed']}"]
-    head += [f"{name}: {text}" for name, text in result["spaces"].items()]
-    return "\n".join(head + [f"{'metric':<24} value"] + lines)
-
-
-@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
-@reported
-def main(cfg: DictConfig) -> None:
-    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
-        raise GentrainError(f"n must be an integer of at least 2, got {cfg.n!r}")
-    device = pick_device(cfg.device, key="device")
-    if cfg.ckpt is not None and cfg.get("dataset") is not None:
-        raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
-                            "elsewhere), or drop ckpt= to score the real data")
-    if cfg.ckpt is not None:
-        path = checkpoint.resolve(cfg.ckpt)
-        model, ckpt = load_model(path, device, cfg.ema)
-        dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
-        family, what = ckpt["family"], f"{path} ({ckpt['family']}, step {ckpt['step']})"
-        out = Path(str(cfg.out)).expanduser() if cfg.out else path.parent / "eval.json"
-    elif cfg.get("dataset") is not None:  # the floor: real test images scored as if they were samples
-        model, dataset_cfg, family = None, cfg.dataset.copy(), None
-        what = f"real {dataset_cfg.name} test images"
-        out = Path(str(cfg.out)).expanduser() if cfg.out else Path(f"eval-{dataset_cfg.name}-test.json")
-    else:
-        raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
-    if cfg.data_root is not None:
-        dataset_cfg.root = cfg.data_root
-    evaluator = Evaluator(cfg.metrics, dataset_cfg, family, cfg.n, cfg.seed, device)
-    if model is None:
-        test = data.load(dataset_cfg, split="test").images
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
-        metrics = evaluator.score_images(test[order[:cfg.n]])
-    else:
-        metrics = evaluator(model)
-    result = {"what": what, "ckpt": None if model is None else str(path), "family": family,
-              "step": None if model is None else ckpt["step"], "dataset": dataset_cfg.name, "n": cfg.n,
-              "seed": cfg.seed, "spaces": evaluator.describe(), "metrics": metrics, "skipped": evaluator.skipped}
-    if "distortion" in metrics:
-        result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),
-                               "test_images": len(evaluator.test_images), **protocol(ckpt["config"]["model"])}
-    print(table(result))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise GentrainError(f"could not write {out} ({e.strerror}); the table above has the numbers") from None
-    print(f"wrote {out}")

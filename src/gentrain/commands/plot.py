@@ -6,7 +6,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from gentrain import GentrainError
+from gentrain.errors import GentrainError, fail
+from gentrain.images import pyplot
 
 
 def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -48,34 +49,8 @@ def panels(series: dict) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def scatter(points, path: Path, reference=None) -> None:
-    """2-D samples of a toy model as a scatter plot, over the real points (grey) when given."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    if reference is not None:
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.7", label="real")
-    ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", fontsize=7, markerscale=3)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
-
-
 def plot(run_dir: Path, out: Path) -> Path:
-    plt = _pyplot()
-
+    plt = pyplot()
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise GentrainError(f"no metrics.jsonl in {run_dir}; give a run folder")
@@ -108,8 +83,6 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 def main(args: list[str]) -> None:
-    from gentrain.cli import fail
-
     keys = dict(a.split("=", 1) for a in args if "=" in a)
     positional = [a for a in args if "=" not in a]
     if args and args[0] in ("-h", "--help"):

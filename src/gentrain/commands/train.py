@@ -1,4 +1,4 @@
-"""`gentrain [overrides]`: build the objects a run needs from its config, then hand them to the loop."""
+"""`gentrain [overrides]`: build the parts a run needs from its config, then hand them to the loop."""
 
 import functools
 import inspect
@@ -13,16 +13,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import GentrainError, checkpoint, data, dist, loop, models
-from gentrain.cli import quote, reported
+from gentrain import checkpoint, data, dist, fast, loop, models
 from gentrain.config import GROUPS, check_train, config_dir
+from gentrain.device import pick_device, pick_precision, use_fast_kernels
+from gentrain.errors import GentrainError, quote, reported
+from gentrain.metrics.evaluator import SCORES, Evaluator
 
 log = logging.getLogger("gentrain")
 
 
-def resumed_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
+def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
     """The checkpoint's own config, with the key overrides given on this command line on top."""
-    merged = OmegaConf.create(ckpt["config"])
+    merged = ckpt.config
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
@@ -46,12 +48,15 @@ def with_defaults(merged: DictConfig, cfg: DictConfig) -> DictConfig:
 
 
 def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: bool = False):
-    """make_optimizer(phase, params): one optimizer per phase from the `optim` partial. A key
-    optim.lr_<phase> (lr_D, lr_G) gives that phase its own learning rate: the two time-scale update
-    rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019).
+    """make_optimizer(name, params, ratio=1): one optimizer per parameter set from the `optim` partial. A
+    key optim.lr_<name> (lr_D, lr_G) gives that optimizer its own learning rate: the two time-scale
+    update rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019).
+
+    `ratio` < 1 scales the learning rate by it and Adam's betas to its power, as StyleGAN2-ADA does for an
+    optimizer that lazy regularisation steps more often (see lazy_ratio).
 
     On a GPU, an optimizer that has torch's fused kernel (Adam, AdamW, SGD) uses it, one launch for all
-    of a phase's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
+    of a set's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
     its state on the device, as a captured step needs."""
     cfg = OmegaConf.to_container(optim_cfg, resolve=True)
     per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
@@ -62,13 +67,27 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
     if capturable and "capturable" in accepts:
         make = functools.partial(make, capturable=True)
 
-    def make_optimizer(phase: str, params):
-        return make(params) if per_phase.get(phase) is None else make(params, lr=per_phase[phase])
+    def make_optimizer(name: str, params, ratio: float = 1.0):
+        kwargs = {} if per_phase.get(name) is None else {"lr": per_phase[name]}
+        if ratio != 1:
+            kwargs["lr"] = kwargs.get("lr", cfg["lr"]) * ratio
+            if "betas" in cfg:
+                kwargs["betas"] = tuple(b ** ratio for b in cfg["betas"])
+        return make(params, **kwargs)
 
     return make_optimizer
 
 
-def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
+def lazy_ratio(phases, opt: str) -> float:
+    """An optimizer that a lazy phase (one with every > 1) also steps takes more updates per batch than its
+    main phases alone: StyleGAN2-ADA scales its learning rate and betas by mb_ratio = k / (k + 1) for one
+    main update and a regulariser every k (training/training_loop.py). In general: the main updates per
+    step over all updates per step."""
+    every = [p.every for p in phases if p.opt == opt]
+    return sum(e == 1 for e in every) / sum(1 / e for e in every)
+
+
+def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | None]:
     """The run this command asks for: its config, its folder, and the checkpoint it continues (or None).
 
     A run folder that already holds a run is continued only when asked (resume=), or when the same job
@@ -84,11 +103,11 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, dict | None]:
     elif (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "metrics.jsonl").exists():
         last = run_dir / "checkpoints" / "last.pt"
         ckpt = checkpoint.load(last) if last.exists() else None
-        if ckpt is None or not (ckpt.get("preempted") or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
+        if ckpt is None or not (ckpt.preempted or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
             raise GentrainError(f"{run_dir} already holds a run; continue it with resume={run_dir} "
                                 f"or pick another hydra.run.dir")
-        log.info("%s was stopped by its scheduler at step %d: resuming it", run_dir, ckpt["step"])
-        cfg = with_defaults(OmegaConf.create(ckpt["config"]), cfg)
+        log.info("%s was stopped by its scheduler at step %d: resuming it", run_dir, ckpt.step)
+        cfg = with_defaults(ckpt.config, cfg)
         cfg.resume = str(run_dir)
     check_train(cfg)
     return cfg, run_dir, ckpt
@@ -99,8 +118,6 @@ def objective(cfg: DictConfig, run_dir: Path) -> float | None:
     evaluation."""
     if not cfg.trainer.eval_every or not (run_dir / "metrics.jsonl").exists():
         return None
-    from gentrain.evaluate import SCORES
-
     lower = SCORES[cfg.trainer.eval_metric][1]
     name = f"eval/{cfg.trainer.eval_metric}"
     with open(run_dir / "metrics.jsonl") as f:
@@ -118,9 +135,9 @@ def main(cfg: DictConfig) -> float | None:
             dist.torchrun(cfg.trainer.devices, [*HydraConfig.get().overrides.task,
                                                 f"hydra.run.dir={quote(str(run_dir))}", "hydra.output_subdir=null"])
             return objective(cfg, run_dir)
-        device = loop.pick_device(cfg.trainer.device)
+        device = pick_device(cfg.trainer.device)
     else:  # a torchrun worker: rank 0 decides what to run and every rank follows
-        device = dist.init(loop.pick_device(cfg.trainer.device))
+        device = dist.init(pick_device(cfg.trainer.device))
         plan = None
         if dist.rank() == 0:
             cfg, run_dir, ckpt = prepare(cfg)
@@ -130,29 +147,45 @@ def main(cfg: DictConfig) -> float | None:
             cfg, run_dir = OmegaConf.create(plan[0]), plan[1]
             ckpt = checkpoint.load(cfg.resume) if cfg.resume else None
     try:
-        train(cfg, run_dir, device, ckpt)
+        run(cfg, run_dir, device, ckpt)
         dist.barrier()  # every rank is done, rank 0's last checkpoint written, before the group goes away
     finally:
         dist.shutdown()
     return objective(cfg, run_dir)
 
 
-def train(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: dict | None) -> None:
-    """Build the data, model, optimizers and evaluator the config describes, and run the loop."""
+def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.Checkpoint | None) -> None:
+    """Build the data, model, optimizers, batches and evaluator the config describes, and run the loop."""
+    t, d = cfg.trainer, cfg.dataset
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank() == 0
     if main_rank:  # rank 0 first: a dataset it downloads is there for the others
-        train_data = data.load(cfg.dataset, split="train", streamable=True)
+        train_data = data.load(d, split="train", streamable=True)
     dist.barrier()
     if not main_rank:
-        train_data = data.load(cfg.dataset, split="train", streamable=True)
-    model = models.build(cfg.model, train_data.channels, train_data.image_size, train_data.num_classes)
+        train_data = data.load(d, split="train", streamable=True)
+    facts = train_data.facts
+    model = models.build(cfg.model, *facts)
     evaluate = best_by = None
-    if cfg.trainer.eval_every and main_rank:
-        from gentrain.evaluate import Evaluator
+    if t.eval_every and main_rank:
+        evaluate = Evaluator(cfg.metrics, d, model.capabilities, t.eval_n, cfg.seed, device, nll_n=t.eval_n)
+        best_by = evaluate.key(t.eval_metric)
 
-        evaluate = Evaluator(cfg.metrics, cfg.dataset, cfg.model.family, cfg.trainer.eval_n, cfg.seed,
-                             device, nll_n=cfg.trainer.eval_n)
-        best_by = evaluate.key(cfg.trainer.eval_metric)
-    make_optimizer = optimizer_factory(cfg.optim, device, capturable=cfg.trainer.cuda_graphs)
-    loop.train(cfg, model, train_data, make_optimizer, run_dir, device, ckpt, evaluate, best_by)
+    amp = pick_precision(t.precision, device)
+    use_fast_kernels(device)
+    if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = fast.channels_last(t.channels_last, device, facts.points)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+    make_optimizer = optimizer_factory(cfg.optim, device, capturable=t.cuda_graphs)
+    optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
+                  for o in model.optimizers}
+    batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
+                           d.get("hflip", False), d.get("workers", 4), channels_last=channels_last)
+
+    size = f"{len(train_data)} points" if facts.points else \
+        f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
+    loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp,
+               meta=checkpoint.meta(OmegaConf.to_container(cfg, resolve=True), facts), seed=cfg.seed,
+               what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
+               evaluate=evaluate, best_by=best_by, reference=train_data.images[:t.n_samples] if facts.points else None)

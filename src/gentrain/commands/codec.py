@@ -12,44 +12,29 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torchvision.transforms.v2.functional import to_pil_image
+from omegaconf import DictConfig
 
-from gentrain import GentrainError, checkpoint, data
-from gentrain.cli import reported
+from gentrain import checkpoint, data
 from gentrain.config import config_dir
-from gentrain.loop import pick_device
-from gentrain.models.vae import kl_std_normal
-from gentrain.sample import load_model
+from gentrain.device import pick_device
+from gentrain.errors import GentrainError, reported
+from gentrain.images import save_pngs, to_signed
+from gentrain.models.family import CODEC
 
 FORMAT, VERSION = "gentrain-codes", 1
-FAMILIES = ("vae", "vqvae")
 SPLITS = ("test", "train")
 
 
-def index_dtype(num_codes: int) -> torch.dtype:
-    """The smallest integer type that holds the indices 0..num_codes-1."""
-    return torch.uint8 if num_codes <= 256 else torch.int16 if num_codes <= 2 ** 15 else torch.int32
-
-
-def code_shape(model, family: str) -> list[int]:
-    """The shape of one image's code: a VQ-VAE's grid of cells, a VAE's latent vector."""
-    return [model.side, model.side] if family == "vqvae" else [model.z_dim]
-
-
-def read_images(cfg: DictConfig, ckpt: dict) -> tuple[torch.Tensor, torch.Tensor | None, list[str], str]:
+def read_images(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> tuple[torch.Tensor, torch.Tensor | None, list[str], str]:
     """input= as uint8 images at the model's size and channels, their labels (None for a folder), a name
     for each and a description of the source. `test` and `train` are the checkpoint's dataset splits; a
     folder of that name is ./test."""
     source = str(cfg.input)
-    dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
-    facts = ckpt["data"]
+    dataset_cfg, facts = ckpt.dataset_config(cfg.data_root), ckpt.facts
     if source in SPLITS:
         if dataset_cfg.name == "folder":
             raise GentrainError(f"input={source}: this model was trained on an image folder, which has no "
                                 f"{source} split; give input=FOLDER (./{source} for a folder of that name)")
-        if cfg.data_root is not None:
-            dataset_cfg.root = cfg.data_root
         split = data.load(dataset_cfg, split=source)
         n = len(split.images) if cfg.n is None else min(cfg.n, len(split.images))
         return split.images[:n], None if split.labels is None else split.labels[:n], \
@@ -62,7 +47,7 @@ def read_images(cfg: DictConfig, ckpt: dict) -> tuple[torch.Tensor, torch.Tensor
     images = []
     for path in files:
         try:  # the folder dataset's own decoding: resized, centre-cropped, the model's channels
-            images.append(data.decode_file(path, facts["channels"], background, facts["image_size"]))
+            images.append(data.decode_file(path, facts.channels, background, facts.image_size))
         except Exception as e:  # PIL raises many types for broken files
             raise GentrainError(f"cannot decode {path} ({type(e).__name__}); fix or remove it") from None
     return torch.stack(images), None, [str(p.relative_to(root)) for p in files], f"folder {root}"
@@ -85,14 +70,13 @@ def load_codes(path) -> dict:
     return codes
 
 
-def load_coder(ckpt_path, device) -> tuple[torch.nn.Module, dict, Path]:
-    """The VAE or VQ-VAE of a checkpoint, in eval mode."""
-    path = checkpoint.resolve(ckpt_path)
-    model, ckpt = load_model(path, device)
-    if ckpt["family"] not in FAMILIES:
-        raise GentrainError(f"{path} is a {ckpt['family']} checkpoint; encode and decode need a VAE or VQ-VAE "
+def load_coder(ckpt_path, device) -> tuple[torch.nn.Module, checkpoint.Checkpoint]:
+    """The model of a checkpoint that can code images (a VAE or VQ-VAE), in eval mode."""
+    model, ckpt = checkpoint.load_model(ckpt_path, device)
+    if CODEC not in model.capabilities:
+        raise GentrainError(f"{ckpt.path} is a {ckpt.family} checkpoint; encode and decode need a VAE or VQ-VAE "
                             f"(model=vae or vqvae), which have an encoder")
-    return model, ckpt, path
+    return model, ckpt
 
 
 @torch.no_grad()
@@ -101,53 +85,37 @@ def encode_images(cfg: DictConfig) -> None:
     if cfg.n is not None and (isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1):
         raise GentrainError(f"n must be a positive integer (or null: every image), got {cfg.n!r}")
     device = pick_device(cfg.device, key="device")
-    model, ckpt, path = load_coder(cfg.ckpt, device)
-    family = ckpt["family"]
+    model, ckpt = load_coder(cfg.ckpt, device)
     images, labels, names, source = read_images(cfg, ckpt)
     if model.num_classes and labels is None:
         raise GentrainError("a conditional VAE's code is read with the image's class, which a folder does not "
                             "have; encode a labelled split (input=test)")
     codes, rates = [], []
     for i in range(0, len(images), cfg.batch_size):
-        x = data.to_signed(images[i:i + cfg.batch_size].to(device))
+        x = to_signed(images[i:i + cfg.batch_size].to(device))
         y = None if not model.num_classes else labels[i:i + cfg.batch_size].to(device)
-        if family == "vqvae":  # the code indices, and what they cost under the PixelCNN prior
-            idx = model.codes(x)
-            codes.append(idx.cpu().to(index_dtype(model.num_codes)))
-            rates.append(model.prior.nll(idx).double().cpu())
-        else:  # the posterior mean, and the rate KL(q(z|x) || p(z)) of the code
-            mu, logvar = model.encode(x, y)
-            codes.append(mu.cpu())
-            rates.append(kl_std_normal(mu, logvar).double().cpu())
+        code, rate = model.encode_codes(x, y)  # the codes as stored, and what each costs in nats
+        codes.append(code.cpu())
+        rates.append(rate.double().cpu())
     codes = torch.cat(codes)
     rate_bits = torch.cat(rates).mean().item() / math.log(2)
     stored_bits = codes[0].numel() * codes.element_size() * 8
     bits = {"stored": stored_bits, "rate": rate_bits}
-    if family == "vqvae":
-        bits["fixed_length"] = model.code_bits()
+    if model.num_codes:  # discrete codes: each cell costs log2(K) bits at a fixed length
+        bits["fixed_length"] = math.prod(model.code_shape) * math.log2(model.num_codes)
     out = Path(str(cfg.out)).expanduser()
-    result = {"format": FORMAT, "version": VERSION, "family": family, "ckpt": str(path.resolve()),
-              "step": ckpt["step"], "source": source, "files": names, "codes": codes,
+    result = {"format": FORMAT, "version": VERSION, "family": ckpt.family, "ckpt": str(ckpt.path.resolve()),
+              "step": ckpt.step, "source": source, "files": names, "codes": codes,
               "labels": labels if model.num_classes else None,
-              "image_shape": list(images.shape[1:]), "code_shape": code_shape(model, family),
-              "num_codes": model.num_codes if family == "vqvae" else 0, "bits_per_image": bits}
+              "image_shape": list(images.shape[1:]), "code_shape": model.code_shape,
+              "num_codes": model.num_codes, "bits_per_image": bits}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(result, out)
     except OSError as e:
         raise GentrainError(f"could not write {out} ({e.strerror})") from None
-    print(f"encoded {len(codes)} images ({source}) with {path} ({family}, step {ckpt['step']}) into {out}")
-    if family == "vqvae":
-        side, k = model.side, model.num_codes
-        print(f"codes: {side}x{side} indices into {k} codes, stored as {str(codes.dtype).split('.')[-1]}")
-        print(f"bits per image: {bits['fixed_length']:.0f} at a fixed length ({side * side} cells x log2({k}) = "
-              f"{math.log2(k):.3g} bits); {rate_bits:.1f} entropy-coded with the PixelCNN prior (its -log2 p(codes), "
-              f"about the length an arithmetic coder reaches); {stored_bits} as stored")
-    else:
-        print(f"codes: the posterior means of {model.z_dim} latent dimensions, stored as float32")
-        print(f"bits per image: {rate_bits:.1f} rate, KL(q(z|x) || p(z)) (Alemi et al. 2018: what a code drawn "
-              f"from q(z|x) costs with bits-back coding; the means stored here are raw floats); "
-              f"{stored_bits} as stored")
+    print(f"encoded {len(codes)} images ({source}) with {ckpt.describe()} into {out}")
+    print(model.describe_codes(codes.dtype, rate_bits, stored_bits))
 
 
 @torch.no_grad()
@@ -156,14 +124,14 @@ def decode_codes(cfg: DictConfig) -> None:
     out = Path(str(cfg.out)).expanduser()
     stored = load_codes(cfg.input)
     device = pick_device(cfg.device, key="device")
-    model, ckpt, path = load_coder(cfg.ckpt or stored["ckpt"], device)
-    family = ckpt["family"]
+    model, ckpt = load_coder(cfg.ckpt or stored["ckpt"], device)
+    path = ckpt.path
     made_by = f"made by {stored['ckpt']} ({stored['family']})"
-    if stored["family"] != family:
-        raise GentrainError(f"{cfg.input} holds {stored['family']} codes, {made_by}; {path} is a {family} "
+    if stored["family"] != ckpt.family:
+        raise GentrainError(f"{cfg.input} holds {stored['family']} codes, {made_by}; {path} is a {ckpt.family} "
                             f"checkpoint: decode with the checkpoint that made them")
     shape = (stored["code_shape"], stored["num_codes"])
-    if shape != (code_shape(model, family), model.num_codes if family == "vqvae" else 0):
+    if shape != (model.code_shape, model.num_codes):
         raise GentrainError(f"{cfg.input} holds codes of shape {stored['code_shape']}"
                             f"{' over %d codes' % stored['num_codes'] if stored['num_codes'] else ''}, {made_by}; "
                             f"{path} makes another shape: decode with the checkpoint that made them")
@@ -177,11 +145,8 @@ def decode_codes(cfg: DictConfig) -> None:
     for start in range(0, len(codes), cfg.batch_size):
         batch = codes[start:start + cfg.batch_size].to(device)
         y = None if not model.num_classes else labels[start:start + cfg.batch_size].to(device)
-        images = model.decode(batch.long() if family == "vqvae" else batch.float(), y)
-        for img in data.to_uint8(images.cpu()):
-            to_pil_image(img).save(out / f"{i:06d}.png")  # as `gentrain sample out=DIR/`
-            i += 1
-    print(f"decoded {i} images from {cfg.input} with {path} ({family}, step {ckpt['step']}) into {out}/")
+        i = save_pngs(model.decode_codes(batch, y), out, start=i)  # as `gentrain sample out=DIR/`
+    print(f"decoded {i} images from {cfg.input} with {ckpt.describe()} into {out}/")
 
 
 @hydra.main(config_path=str(config_dir()), config_name="encode", version_base="1.3")

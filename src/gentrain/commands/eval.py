@@ -1,0 +1,68 @@
+"""`gentrain eval ckpt=PATH`: the Evaluator's scores of a checkpoint (or of real test images, the floor),
+printed as a table and written to eval.json."""
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from gentrain import checkpoint, data
+from gentrain.config import config_dir
+from gentrain.device import pick_device
+from gentrain.errors import GentrainError, reported
+from gentrain.metrics.evaluator import Evaluator
+
+
+def table(result: dict) -> str:
+    lines = [f"{k:<24} {v:.6g}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in result["metrics"].items()]
+    lines += [f"{k:<24} skipped: {why}" for k, why in result["skipped"].items()]
+    head = [f"{result['what']}, n={result['n']}, seed={result['seed']}"]
+    head += [f"{name}: {text}" for name, text in result["spaces"].items()]
+    return "\n".join(head + [f"{'metric':<24} value"] + lines)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
+@reported
+def main(cfg: DictConfig) -> None:
+    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
+        raise GentrainError(f"n must be an integer of at least 2, got {cfg.n!r}")
+    device = pick_device(cfg.device, key="device")
+    if cfg.ckpt is not None and cfg.get("dataset") is not None:
+        raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
+                            "elsewhere), or drop ckpt= to score the real data")
+    if cfg.ckpt is not None:
+        model, ckpt = checkpoint.load_model(cfg.ckpt, device, cfg.ema)
+        dataset_cfg, capabilities = ckpt.dataset_config(cfg.data_root), model.capabilities
+        what = ckpt.describe()
+        out = Path(str(cfg.out)).expanduser() if cfg.out else ckpt.path.parent / "eval.json"
+    elif cfg.get("dataset") is not None:  # the floor: real test images scored as if they were samples
+        model, ckpt, dataset_cfg, capabilities = None, None, cfg.dataset.copy(), None
+        if cfg.data_root is not None:
+            dataset_cfg.root = cfg.data_root
+        what = f"real {dataset_cfg.name} test images"
+        out = Path(str(cfg.out)).expanduser() if cfg.out else Path(f"eval-{dataset_cfg.name}-test.json")
+    else:
+        raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
+    evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device)
+    if model is None:
+        test = data.load(dataset_cfg, split="test").images
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+        metrics = evaluator.score_images(test[order[:cfg.n]])
+    else:
+        metrics = evaluator(model)
+    result = {"what": what, "ckpt": None if ckpt is None else str(ckpt.path),
+              "family": None if ckpt is None else ckpt.family, "step": None if ckpt is None else ckpt.step,
+              "dataset": dataset_cfg.name, "n": cfg.n, "seed": cfg.seed, "spaces": evaluator.describe(),
+              "metrics": metrics, "skipped": evaluator.skipped}
+    if "distortion" in metrics:
+        result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),
+                               "test_images": len(evaluator.test_images), **model.protocol()}
+    print(table(result))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise GentrainError(f"could not write {out} ({e.strerror}); the table above has the numbers") from None
+    print(f"wrote {out}")

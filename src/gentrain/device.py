@@ -1,0 +1,37 @@
+"""Where a command runs and in what precision: decided once, from the config, by the verb that runs."""
+
+import torch
+
+from gentrain.errors import GentrainError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
+    """auto | cpu | cuda -> the device; cuda where torch sees none is an error naming `key`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GentrainError(f"{key}=cuda but torch sees no CUDA GPU; use {key}=cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise GentrainError(f"{key} must be one of auto|cpu|cuda, got {name!r}")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """trainer.precision -> the autocast dtype, or None for plain fp32. auto: bf16 on a GPU that has it."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    if name not in PRECISIONS:
+        raise GentrainError(f"trainer.precision must be one of auto|{'|'.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
+def use_fast_kernels(device: torch.device) -> None:
+    """On CUDA: let cuDNN pick its fastest kernels for the fixed shapes of a run, and run fp32 matrix
+    multiplies and convolutions on TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
