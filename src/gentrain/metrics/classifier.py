@@ -1,9 +1,14 @@
-"""The domain classifier: a small CNN trained on a labelled dataset's training split, cached with its
+"""The domain classifier: a small CNN trained on a labelled dataset's training split, stored with its
 test accuracy, whose penultimate layer is the `classifier` feature space for FID/KID/PR.
 
 For MNIST-like data an ImageNet Inception is a poor judge (its features barely separate digits), so
 evaluations there customarily use a classifier trained on the domain itself, as in the "classifier
 FID" of the MNIST/Fashion-MNIST literature and the mode counts of Srivastava et al. 2017 (VEEGAN).
+
+The classifiers of MNIST and Fashion-MNIST at 28 px ship with gentrain (classifiers/, trained by `train`
+below with its defaults), so their FIDs are in one fixed feature space for every user, as Inception's
+fixed weights are; any other dataset or size is trained on first use and cached. A classifier trained
+into the cache (`gentrain classifier retrain=true`) takes precedence over a shipped one.
 """
 
 import logging
@@ -46,8 +51,20 @@ class Classifier(nn.Module):
         return h, self.head(h)
 
 
+SHIPPED = Path(__file__).parent / "classifiers"
+
+
 def path_for(cache_dir: Path, dataset: str, image_size: int) -> Path:
+    """Where a classifier trained here is cached."""
     return cache_dir / f"classifier-{dataset}-{image_size}px.pt"
+
+
+def find(cache_dir: Path, dataset: str, image_size: int) -> Path | None:
+    """The classifier file for a dataset and size: trained here, else shipped with gentrain, else None."""
+    for path in (path_for(cache_dir, dataset, image_size), SHIPPED / f"{dataset}-{image_size}px.pt"):
+        if path.is_file():
+            return path
+    return None
 
 
 @torch.no_grad()
@@ -97,15 +114,18 @@ def load(path: Path, device: torch.device) -> tuple[Classifier, dict]:
         model = Classifier(stored["channels"], stored["num_classes"])
         model.load_state_dict(stored["model"])
     except Exception as e:
-        raise GentrainError(f"cannot read the cached classifier {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise GentrainError(f"cannot read the classifier {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             f"delete it and it is retrained on next use") from None
     return model.to(device).eval(), stored
 
 
-def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -> tuple[Classifier, dict]:
-    """The cached classifier for this dataset and image size, trained first if there is none."""
-    path = path_for(cache_dir, dataset_cfg.name, dataset_cfg.image_size)
-    if not path.is_file():
+def ensure(dataset_cfg, cache_dir: Path, device: torch.device, retrain: bool = False,
+           **train_kwargs) -> tuple[Classifier, dict, Path]:
+    """The classifier for this dataset and image size (see find), trained and cached first if there is none
+    or `retrain`; with its stored facts (dataset, test accuracy, ...) and its file."""
+    path = None if retrain else find(cache_dir, dataset_cfg.name, dataset_cfg.image_size)
+    if path is None:
+        path = path_for(cache_dir, dataset_cfg.name, dataset_cfg.image_size)
         train_data = data.load(dataset_cfg, split="train")
         if train_data.labels is None:
             raise GentrainError(f"dataset {dataset_cfg.name} has no labels, so no classifier can be trained for it; "
@@ -117,4 +137,4 @@ def ensure(dataset_cfg, cache_dir: Path, device: torch.device, **train_kwargs) -
         model, acc = train(train_data, test_data, device, **train_kwargs)
         save(model, path, dataset_cfg.name, dataset_cfg.image_size, acc, time.perf_counter() - t0)
         log.info("classifier test accuracy %.2f%% (%.0f s)", 100 * acc, time.perf_counter() - t0)
-    return load(path, device)
+    return (*load(path, device), path)

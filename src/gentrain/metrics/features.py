@@ -49,8 +49,7 @@ def _batched(fn, images: torch.Tensor, device: torch.device, batch_size: int):
 
 
 def classifier_space(dataset_cfg, cache_dir: Path, device: torch.device) -> FeatureSpace:
-    model, info = classifier.ensure(dataset_cfg, cache_dir, device)
-    path = classifier.path_for(cache_dir, dataset_cfg.name, dataset_cfg.image_size)
+    model, info, path = classifier.ensure(dataset_cfg, cache_dir, device)
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:8]  # a retrained classifier is a new space
 
     def extract(images):
