@@ -1,16 +1,52 @@
-"""Shared fixtures: the real test data from ../shared/data, and a runner for the `gentrain` CLI."""
+"""Shared fixtures: the real test data from ../shared/data, a runner for the `gentrain` CLI, and the
+artefacts several tests read (a metrics cache, a trained VQ-VAE), made once per session.
 
+Under pytest-xdist (`pytest -n 2`, the default in pyproject.toml) each worker trains on one thread, so two
+workers fill two cores without oversubscribing them, and the session's artefacts are made by the first
+worker that needs them, behind a file lock, and shared.
+"""
+
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GENTRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker, for this process and the ones it starts
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: with two workers, the long ones then run beside the many short ones instead of
+    after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def once(tmp_path_factory, name: str, make) -> Path:
+    """A folder `name` made by `make(folder)` once per session, shared by every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the workers' common parent
+    folder = base / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +54,8 @@ def data_root(tmp_path_factory) -> Path:
     """MNIST and Fashion-MNIST unpacked once per session into torchvision's layout."""
     if not (SHARED / "unpack.sh").is_file():
         pytest.skip(f"needs the shared test data at {SHARED} (set GENTRAIN_SHARED_DATA to its folder)")
-    dest = tmp_path_factory.mktemp("data")
-    subprocess.run(["bash", str(SHARED / "unpack.sh"), str(dest)], check=True)
-    return dest
+    return once(tmp_path_factory, "data", lambda dest: subprocess.run(["bash", str(SHARED / "unpack.sh"), str(dest)],
+                                                                      check=True))
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +66,57 @@ def emoji_dir() -> Path:
     return folder
 
 
-def run_cli(args, cwd, data_root, check=True, timeout=300, env=None):
-    """`python -m gentrain ARGS` in cwd with the test data as the default dataset root."""
-    full_env = {**os.environ, "GENTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+def run_cli(args, cwd, data_root, check=True, timeout=300, env=None, process=False):
+    """`gentrain ARGS` in cwd with the test data as the default dataset root: by default in this process,
+    through the command's own entry point (gentrain.cli.main) without the seconds an interpreter takes to
+    import torch and Hydra; with `process=True` as `python -m gentrain ARGS` in a process of its own, for
+    runs that start processes, install signal handlers of their own or set the environment (torchrun,
+    submitit). Returns what subprocess.run would: args, returncode, stdout, stderr."""
+    full_env = {"GENTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", **(env or {})}
+    if process:
+        proc = subprocess.run([sys.executable, "-m", "gentrain", *map(str, args)], cwd=cwd,
+                              env={**os.environ, **full_env}, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _in_process([str(a) for a in args], cwd, full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def _in_process(args: list[str], cwd, env: dict) -> subprocess.CompletedProcess:
+    """gentrain.cli.main(args) as a process would run it: in cwd, with env set (OMP_NUM_THREADS as torch's
+    thread count), stdout and stderr captured, and an exit code from SystemExit (1 and the traceback for
+    an exception that escapes, as the interpreter would print it)."""
+    import torch
+
+    from gentrain import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_argv, saved_cwd, saved_threads = sys.argv[:], os.getcwd(), torch.get_num_threads()
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv[:] = saved_argv
+        torch.set_num_threads(saved_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["gentrain", *args], code, out.getvalue(), err.getvalue())
 
 
 def start_cli(args, cwd, data_root) -> subprocess.Popen:
@@ -60,16 +138,20 @@ def wait_for_log_lines(metrics: Path, lines: int, proc: subprocess.Popen, timeou
 def gentrain(tmp_path, data_root):
     """Run `python -m gentrain ARGS` in a fresh folder with the test data as the default root."""
 
-    def run(*args, cwd=None, check=True, timeout=300, env=None):
-        return run_cli(args, cwd or tmp_path, data_root, check, timeout, env)
+    def run(*args, cwd=None, check=True, timeout=300, env=None, process=False):
+        return run_cli(args, cwd or tmp_path, data_root, check, timeout, env, process)
 
     return run
 
 
 @pytest.fixture(scope="session")
 def metrics_cache(tmp_path_factory, data_root):
-    """One metrics cache for the session; a dataset's classifier is trained the first time it is asked for."""
-    cache = tmp_path_factory.mktemp("metrics-cache")
+    """One metrics cache for the session, and `classifier(dataset)`: the test accuracy that `gentrain classifier`
+    reports for the dataset's classifier (MNIST's and Fashion-MNIST's ship with gentrain)."""
+    def reference(folder):  # the MNIST training split's statistics in classifier space, which most tests use
+        run_cli(["eval", "dataset=mnist", "n=10", "metrics=[fid]", f"metrics.cache_dir={folder}"], folder, data_root)
+
+    cache = once(tmp_path_factory, "metrics-cache", reference)
     trained = {}
 
     def classifier(dataset):
@@ -87,12 +169,12 @@ def vqvae_run(tmp_path_factory, data_root) -> Path:
     """One short VQ-VAE run on MNIST for the VQ-VAE and codec tests: 150 steps of 32 images, about 30 s of
     training on one CPU thread (one thread: its small tensors gain little from a second, and on a busy
     machine the second only waits)."""
-    run = tmp_path_factory.mktemp("vqvae") / "run"
-    run_cli(["model=vqvae", "model.ch=32", "model.prior_ch=32", "trainer.steps=150", "trainer.batch_size=32",
-             "trainer.log_every=50", "trainer.sample_every=150", "trainer.ckpt_every=150", "trainer.n_samples=16",
-             "trainer.device=cpu", f"hydra.run.dir={run}"], run.parent, data_root, timeout=900,
-            env={"OMP_NUM_THREADS": "1"})
-    return run
+    def train(folder):
+        run_cli(["model=vqvae", "model.ch=32", "model.prior_ch=32", "trainer.steps=150", "trainer.batch_size=32",
+                 "trainer.log_every=50", "trainer.sample_every=150", "trainer.ckpt_every=150", "trainer.n_samples=16",
+                 "trainer.device=cpu", f"hydra.run.dir={folder / 'run'}"], folder, data_root, env={"OMP_NUM_THREADS": "1"})
+
+    return once(tmp_path_factory, "vqvae", train) / "run"
 
 
 def assert_one_line_error(proc, *fragments):

@@ -1,6 +1,8 @@
 """Checkpoints are written atomically and every way a file can be wrong is one clear error."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +91,23 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     # and the payload is real: an unrestricted unpickle runs it
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["gan_c017a14", "vae_c017a14", "vqvae_c017a14"])
+def test_checkpoints_from_before_the_family_contract_load_sample_and_resume(gentrain, tmp_path, data_root, name):
+    """Tiny checkpoints written by gentrain at commit c017a14 (the GAN with lazy R1 and an EMA of G), whose
+    config points at a data root of another machine: they rebuild, sample, and train on."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(FIXTURES / f"{name}.pt", run / "checkpoints" / "last.pt")
+    old = checkpoint.load(run)
+    assert old.step == 2 and old.config.dataset.root == "/work/data"
+    gentrain("sample", f"ckpt={run}", "n=4", f"out={tmp_path / 'grid.png'}")
+    assert (tmp_path / "grid.png").is_file()
+    gentrain(f"resume={run}", "trainer.steps=4", f"dataset.root={data_root}", "trainer.log_every=1")
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == 4 and resumed["config"]["model"] == old.model_config
+    assert all(torch.isfinite(v).all() for v in resumed["model"].values() if v.is_floating_point())

@@ -19,13 +19,15 @@ def last_step(run: Path) -> int:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_multirun(gentrain, tmp_path):
-    gentrain("-m", "hydra/launcher=submitit_local", "model=gan,vae", *TINY, f"hydra.sweep.dir={tmp_path}")
+    gentrain("-m", "hydra/launcher=submitit_local", "model=gan,vae", *TINY, f"hydra.sweep.dir={tmp_path}", process=True)
     families = {yaml.safe_load((tmp_path / job / ".hydra" / "overrides.yaml").read_text())[0] for job in "01"}
     assert families == {"model=gan", "model=vae"}
     assert last_step(tmp_path / "0") == last_step(tmp_path / "1") == 2
 
 
+@pytest.mark.slow
 def test_a_submitit_job_checkpoints_on_its_timeout_signal_is_requeued_and_resumes(data_root, tmp_path):
     """USR2 is what SLURM (and submitit's local executor) sends before a job's time limit: the job
     checkpoints, submitit requeues it, and the restarted job resumes the run to its last step."""
@@ -60,10 +62,11 @@ def fake_slurm(tmp_path: Path) -> dict:
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
+@pytest.mark.slow
 def test_the_slurm_launcher_submits_one_array_with_the_run_settings(gentrain, tmp_path):
     proc = gentrain("-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=90",
                     "trainer.devices=2", "model=gan,vae", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                    check=False, env=fake_slurm(tmp_path))
+                    check=False, env=fake_slurm(tmp_path), process=True)
     assert proc.returncode != 0
     script = (tmp_path / "job.sh").read_text().splitlines()
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=2", "#SBATCH --partition=gpu",

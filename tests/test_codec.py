@@ -45,6 +45,7 @@ def fake_checkpoint(path, model_cfg):
     return path
 
 
+@pytest.mark.slow
 def test_vqvae_codes_round_trip_through_the_cli_and_decode_to_the_reconstructions(gentrain, vqvae_run, tmp_path,
                                                                                   data_root):
     proc = gentrain("encode", f"ckpt={vqvae_run}", "input=test", "n=40", f"out={tmp_path / 'a.pt'}", env=ONE_THREAD)
@@ -99,6 +100,7 @@ def test_vae_codes_are_the_posterior_means(gentrain, tmp_path, data_root):
     assert (pngs(tmp_path / "out").int() - expected.int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_codec_mistakes_are_named(vqvae_run, tmp_path, data_root):
     gan = fake_checkpoint(tmp_path / "gan.pt", {"family": "gan", "z_dim": 4, "ch": 4})
     small = fake_checkpoint(tmp_path / "k64.pt", {"family": "vqvae", "num_codes": 64, "z_dim": 16, "ch": 8,

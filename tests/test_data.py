@@ -158,6 +158,7 @@ def test_a_streamed_folder_gives_the_batches_of_the_decoded_one(tmp_path, emoji_
     assert len(set(seen.tolist())) == 20
 
 
+@pytest.mark.slow
 def test_a_broken_file_in_a_streamed_folder_is_named_or_skipped(tmp_path, emoji_dir):
     cfg = OmegaConf.merge(emoji_folder(tmp_path, emoji_dir, n=6), {"on_device": False})
     (tmp_path / "0000-broken.png").write_bytes(b"not a png")

@@ -12,6 +12,8 @@ import torch
 
 from conftest import FAST, assert_one_line_error, start_cli, wait_for_log_lines
 
+pytestmark = pytest.mark.slow  # processes of their own
+
 VAE = ["model=vae", *FAST, "trainer.steps=6", "trainer.device=cpu"]
 # The VQ-VAE's EMA codebook and its restarts are updated from the global batch (counts and sums all-reduced),
 # and its logged code usage is the global batch's.
@@ -47,7 +49,7 @@ def assert_same_run(a, b):
 @pytest.mark.parametrize("family, args", [("vae", VAE), ("gan", GAN), ("vqvae", VQVAE)], ids=["vae", "gan", "vqvae"])
 def test_two_processes_take_the_steps_one_process_takes(gentrain, tmp_path, family, args):
     gentrain(*args, f"hydra.run.dir={tmp_path / 'one'}")
-    proc = gentrain(*args, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}")
+    proc = gentrain(*args, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}", process=True)
     assert_same_run(tmp_path / "one", tmp_path / "two")
     assert proc.stdout.count(f"[INFO] - training {family} ") == 1  # rank 0 speaks for the run
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
@@ -57,7 +59,7 @@ def test_two_processes_take_the_steps_one_process_takes(gentrain, tmp_path, fami
 def test_a_two_process_checkpoint_resumes_in_one_process(gentrain, tmp_path):
     args = [a for a in GAN if not a.startswith("trainer.steps=")]
     gentrain(*args, "trainer.steps=20", f"hydra.run.dir={tmp_path / 'straight'}")
-    gentrain(*args, "trainer.steps=10", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'moved'}")
+    gentrain(*args, "trainer.steps=10", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'moved'}", process=True)
     gentrain(f"resume={tmp_path / 'moved'}", "trainer.steps=20", "trainer.devices=1")
     assert_same_run(tmp_path / "straight", tmp_path / "moved")
 
@@ -78,7 +80,7 @@ def test_an_error_in_one_rank_stops_every_rank_with_one_line(gentrain, tmp_path)
     started = time.time()
     proc = gentrain(*VAE, "trainer.devices=2", "trainer.eval_every=3", "metrics.compute=[fid]",
                     "metrics.features=inception", f"metrics.inception_weights={tmp_path / 'missing.pt'}",
-                    check=False, timeout=120)
+                    check=False, timeout=120, process=True)
     assert_one_line_error(proc, "missing.pt: no such file")
     assert time.time() - started < 60
 

@@ -30,6 +30,7 @@ def assert_close_runs(a: Path, b: Path, rtol: float, atol: float) -> None:
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("switch", ["trainer.channels_last=true", "trainer.compile=true"])
 def test_fast_switches_take_the_plain_steps(gentrain, tmp_path, switch, device):
@@ -69,6 +70,7 @@ def test_cuda_graphs_need_a_gpu(gentrain):
     assert_one_line_error(gentrain(*cpu, "trainer.compile=maybe", check=False), "trainer.compile must be one of true|false")
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_cpu_and_counts_the_classic_dcgan_flops(data_root, tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import benchmark

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gentrain.models import losses
+from gentrain.models import build, losses
 
 REAL, FAKE = torch.tensor([2.0, -0.5]), torch.tensor([-1.0, 1.5])
 
@@ -23,12 +23,16 @@ REAL, FAKE = torch.tensor([2.0, -0.5]), torch.tensor([-1.0, 1.5])
     ("hinge", 0.75 + 1.25, -0.25),
     # lsgan: 1/2 mean((r - 1)^2) + 1/2 mean(f^2) = 1/2 (1 + 2.25) / 2 + 1/2 (1 + 2.25) / 2; G: 1/2 mean((f - 1)^2)
     ("lsgan", 0.25 * 3.25 + 0.25 * 3.25, 0.25 * (4 + 0.25)),
+    # ragan: real - mean(fake) = [1.75, -0.75], fake - mean(real) = [-1.75, 0.75]; D: softplus(-(r - f.mean()))
+    # + softplus(f - r.mean()), means over the pair; G: the same with real and fake swapped
+    ("ragan", math.log1p(math.exp(-1.75)) + math.log1p(math.exp(0.75)),
+     math.log1p(math.exp(1.75)) + math.log1p(math.exp(-0.75))),
 ])
 def test_losses_match_hand_computed_values(name, d_expected, g_expected):
     loss = losses.LOSSES[name]
     if d_expected is not None:
         assert math.isclose(loss.d(REAL, FAKE).item(), d_expected, rel_tol=1e-6)
-    assert math.isclose(loss.g(None, FAKE).item(), g_expected, rel_tol=1e-6)
+    assert math.isclose(loss.g(REAL if loss.g_reads_real else None, FAKE).item(), g_expected, rel_tol=1e-6)
 
 
 def test_probabilistic_losses_stay_finite_where_sigmoid_saturates():
@@ -88,3 +92,31 @@ def test_penalties_pass_class_labels_to_a_conditional_d():
     losses.gradient_penalty(Cond([1.0, 0.0]), torch.zeros(2, 2), torch.ones(2, 2), y)
     losses.r1_penalty(Cond([1.0, 0.0]), torch.zeros(2, 2), None, y)
     assert all(s is y for s in seen) and len(seen) == 2
+
+
+def test_a_new_loss_is_one_function_and_one_table_line(monkeypatch):
+    """The least-squares loss with the -1/1 coding (Mao et al. 2017, Eq. 2 with a = -1, b = 1, c = 0),
+    added as a test would add it: no change to the GAN family."""
+    def d_loss_lsgan_pm1(real, fake):
+        return 0.5 * (real - 1).pow(2).mean() + 0.5 * (fake + 1).pow(2).mean()
+
+    monkeypatch.setitem(losses.LOSSES, "lsgan_pm1", losses.Loss(d_loss_lsgan_pm1, lambda real, fake: 0.5 * fake.pow(2).mean()))
+    model = build({"family": "gan", "loss": "lsgan_pm1", "z_dim": 8, "ch": 8, "d_norm": "none"}, 1, 28)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.manual_seed(0)
+    loss, stats = model.loss("D", x)
+    torch.manual_seed(0)
+    fake = torch.tanh(model.G(model.noise(4)))
+    assert torch.allclose(loss, d_loss_lsgan_pm1(model.D(x), model.D(fake)), rtol=1e-6)
+    assert {"D/loss", "D/real", "D/fake"} == set(stats)  # not a logit: raw scores are logged
+
+
+def test_a_relativistic_loss_scores_real_images_in_gs_phase():
+    torch.manual_seed(0)
+    model = build({"family": "gan", "loss": "ragan", "z_dim": 8, "ch": 8, "d_norm": "none"}, 1, 28)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.manual_seed(1)
+    loss, _ = model.loss("G", x)
+    torch.manual_seed(1)
+    fake = model.D(torch.tanh(model.G(model.noise(4))))
+    assert torch.allclose(loss, losses.g_loss_ragan(model.D(x), fake), rtol=1e-6)

@@ -91,6 +91,7 @@ def test_ema_weights_are_what_sample_and_eval_use(gentrain, tmp_path):
     assert ema.read_bytes() != raw.read_bytes()
 
 
+@pytest.mark.slow
 def test_toy_preset_covers_every_ring8_mode_in_minutes_on_cpu(gentrain, tmp_path):
     run = tmp_path / "run"
     gentrain("experiment=toy", "trainer.device=cpu", f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"})

@@ -74,6 +74,7 @@ def test_mixed_precision_steps_on_cpu(gentrain, tmp_path, precision):
     assert ckpt["scaler"]["G"] != {} if precision == "fp16" else ckpt["scaler"]["G"] == {}
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same_run(data_root, tmp_path, gentrain):
     args = ["model=vae", *FAST, "trainer.log_every=1", "trainer.ckpt_every=1000", "trainer.sample_every=1000"]
     gentrain(*args, "trainer.steps=400", f"hydra.run.dir={tmp_path / 'straight'}")
@@ -101,6 +102,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(gentrain, tmp_path):
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_failing_checkpoint_write_keeps_the_previous_one(gentrain, tmp_path):
     run = tmp_path / "run"
     gentrain("model=gan", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")

@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # processes of their own
 
 
 def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root, metrics_cache):

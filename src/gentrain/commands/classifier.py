@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from gentrain.config import config_dir
 from gentrain.device import pick_device
 from gentrain.errors import reported
-from gentrain.metrics.classifier import ensure, path_for
+from gentrain.metrics.classifier import ensure
 from gentrain.metrics.evaluator import cache_dir_for
 
 
@@ -17,10 +17,7 @@ def main(cfg: DictConfig) -> None:
     """`gentrain classifier dataset=NAME`: train (or show) the cached classifier of a dataset."""
     device = pick_device(cfg.device, key="device")
     cache = cache_dir_for(cfg.metrics, cfg.dataset)
-    path = path_for(cache, cfg.dataset.name, cfg.dataset.image_size)
-    if cfg.retrain and path.is_file():
-        path.unlink()
-    _, info = ensure(cfg.dataset, cache, device, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     seed=cfg.seed)
+    _, info, path = ensure(cfg.dataset, cache, device, retrain=cfg.retrain, epochs=cfg.epochs,
+                           batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     print(f"{info['dataset']} {info['image_size']}px classifier: test accuracy {100 * info['test_accuracy']:.2f}% "
           f"(trained in {info['seconds']:.0f} s); {path}")
