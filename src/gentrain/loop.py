@@ -54,8 +54,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
-    fixed_z, fixed_y, nrow = grid_codes(model, t.n_samples, torch.Generator().manual_seed(seed))
-    fixed = (fixed_z.to(device),) if fixed_y is None else (fixed_z.to(device), fixed_y.to(device))
+    fixed, nrow = _fixed_noise(model, t.n_samples, seed, device)
     files = RunFolder(run_dir)
     if files.writes:
         files.start(step, meter.logged_at, reals=lambda: reference if reference is not None else
@@ -274,6 +273,12 @@ class RunFolder:
                 if r is not None and r["step"] <= (step if any(k.startswith("eval/") for k in r) else logged_at)]
         if len(kept) != len(lines):
             self.metrics.write_text("".join(kept))
+
+
+def _fixed_noise(model, n: int, seed: int, device: torch.device) -> tuple[tuple, int | None]:
+    """The sample grids' noise (and classes: a conditional model's grid has one class per row), and row length."""
+    z, y, nrow = grid_codes(model, n, torch.Generator().manual_seed(seed))
+    return ((z.to(device),) if y is None else (z.to(device), y.to(device))), nrow
 
 
 def _where(device: torch.device, batch_size: int) -> str:
