@@ -11,7 +11,8 @@ from gentrain import GentrainError, checkpoint
 
 
 def minimal(step=1):
-    return {"family": "gan", "config": {"model": {"family": "gan"}}, "data": {"channels": 1, "image_size": 28},
+    return {"family": "gan", "config": {"model": {"family": "gan"}, "dataset": {"name": "mnist"}},
+            "data": {"channels": 1, "image_size": 28},
             "step": step, "model": {"w": torch.full((3,), float(step))}}
 
 
@@ -30,7 +31,7 @@ def test_failing_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def disk_full(obj, f):
-        f.write(b"partial bytes")
+        Path(f).write_bytes(b"partial bytes")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)

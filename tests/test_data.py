@@ -187,4 +187,4 @@ def test_bad_data_path_settings_are_one_line_errors(gentrain):
 
     assert_one_line_error(gentrain("dataset.on_device=maybe", check=False), "dataset.on_device must be one of auto|true|false")
     assert_one_line_error(gentrain("dataset=folder", "dataset.root=.", "dataset.workers=-1", check=False),
-                          "dataset.workers must be an integer >= 0")
+                          "dataset.workers must be an integer from 0 to 256")

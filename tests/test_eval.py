@@ -159,7 +159,7 @@ def test_image_folder_runs_are_scored_in_inception_space(gentrain, tmp_path, emo
 def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):
     assert_one_line_error(gentrain("eval", check=False), "ckpt=PATH")
     assert_one_line_error(evaluate(gentrain, metrics_cache, runs / "gan", "metrics=[fid,bogus]", check=False),
-                          "bogus is not a metric")
+                          "metrics.compute[1] must be one of fid|kid|pr|classes|nll|modes, got 'bogus'")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", f"metrics.cache_dir={blocker}/cache",

@@ -77,7 +77,8 @@ def test_ttur_learning_rates_reach_the_optimizers(gentrain, tmp_path):
     gentrain("optim.lr_D=4e-4", "optim.lr_G=1e-4", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
     optim = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optim"]
     assert optim["D"]["param_groups"][0]["lr"] == 4e-4 and optim["G"]["param_groups"][0]["lr"] == 1e-4
-    assert_one_line_error(gentrain("optim.lr_g=1e-4", check=False), "Could not override 'optim.lr_g'")
+    assert_one_line_error(gentrain("optim.lr_g=1e-4", check=False), "optim.lr_g is not a key of gentrain",
+                          "did you mean optim.lr_G")
     assert_one_line_error(gentrain("+optim.lr_g=1e-4", check=False), "optim.lr_g: gan has no phase 'g'",
                           "optim.lr_D, optim.lr_G")
 

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from conftest import FAST, assert_one_line_error
+from gentrain import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,9 @@ def test_reconstruct_needs_a_vae(gentrain, runs):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["mode=dream"], "mode=dream is not a sampling mode"),
-    (["n=0"], "n and batch_size must be positive"),
-    (["bogus=1"], "Could not override 'bogus'"),
+    (["mode=dream"], "mode must be one of grid|interpolate|reconstruct, got 'dream'"),
+    (["n=0"], "n must be an integer from 1 to 1000000, got 0"),
+    (["bogus=1"], "bogus is not a key of gentrain sample"),
 ])
 def test_bad_sample_options(gentrain, runs, args, fragment):
     assert_one_line_error(gentrain("sample", f"ckpt={runs / 'gan'}", *args, check=False), fragment)
@@ -100,6 +101,6 @@ def test_bad_checkpoints_through_the_cli(gentrain, runs, tmp_path):
     assert_one_line_error(gentrain(f"resume={tmp_path / 'cut.pt'}", check=False), "truncated or corrupt")
     ckpt = torch.load(runs / "gan" / "checkpoints" / "last.pt", weights_only=True)
     ckpt["config"]["model"]["ch"] *= 2  # a config that no longer describes the stored weights
-    torch.save(ckpt, tmp_path / "mismatch.pt")
+    checkpoint.save({k: v for k, v in ckpt.items() if k not in ("format", "version", "digest")}, tmp_path / "mismatch.pt")
     assert_one_line_error(gentrain("sample", f"ckpt={tmp_path / 'mismatch.pt'}", check=False), "do not fit")
     assert_one_line_error(gentrain(f"resume={tmp_path / 'mismatch.pt'}", check=False), "do not fit")

@@ -126,7 +126,8 @@ def test_existing_run_folder_is_never_overwritten(gentrain, tmp_path):
 def test_resume_refuses_to_change_config_groups(gentrain, tmp_path):
     run = tmp_path / "run"
     gentrain("model=gan", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
-    assert_one_line_error(gentrain(f"resume={run}", "model=vae", check=False), "model= cannot change when resuming")
+    assert_one_line_error(gentrain(f"resume={run}", "model=vae", check=False), "model=vae cannot change when resuming",
+                          "was trained with model=gan")
 
 
 def test_multirun_sweeps_every_combination_into_its_own_folder(gentrain, tmp_path):

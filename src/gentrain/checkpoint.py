@@ -7,6 +7,8 @@ scalers, RNG, the running log sums). Nothing in it is a class or a callable. Oth
 through `Checkpoint`, whose attributes name what it holds.
 """
 
+import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -16,10 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import models
+from gentrain import files, models
 from gentrain.data import DataFacts
 from gentrain.errors import GentrainError
 from gentrain.models.family import EMA
+
+log = logging.getLogger("gentrain")
 
 FORMAT, VERSION = "gentrain", 1
 REQUIRED = ("family", "config", "data", "step", "model")
@@ -55,6 +59,18 @@ class Checkpoint:
         return self.state["step"]
 
     @property
+    def choices(self) -> dict:
+        """The config group choices the run was started with; for a checkpoint from before they were kept,
+        its run folder's .hydra/hydra.yaml, or what its config shows (model=<family>, dataset=<name>)."""
+        if isinstance(self.state.get("choices"), dict):
+            return self.state["choices"]
+        hydra_yaml = run_dir_of(self.path) / ".hydra" / "hydra.yaml"
+        try:
+            return dict(OmegaConf.load(hydra_yaml).hydra.runtime.choices)
+        except Exception:
+            return {"model": self.family, "dataset": self.state["config"]["dataset"].get("name")}
+
+    @property
     def preempted(self) -> bool:
         """Written on a scheduler's preemption signal: the requeued job resumes it by itself."""
         return bool(self.state.get("preempted"))
@@ -70,9 +86,16 @@ class Checkpoint:
         return f"{self.path} ({self.family}, step {self.step})"
 
 
-def meta(config: dict, facts: DataFacts) -> dict:
-    """What every checkpoint of a run says about it: its family, resolved config and dataset facts."""
-    return {"family": config["model"]["family"], "config": config, "data": facts._asdict()}
+def meta(config: dict, facts: DataFacts, choices: dict | None = None, branched_from: dict | None = None) -> dict:
+    """What every checkpoint of a run says about it: its family, resolved config and dataset facts, the
+    config group choices it was started with (model=gan, experiment=smoke, ...), and the run and step it
+    branched from when it continues an earlier checkpoint of another run."""
+    out = {"family": config["model"]["family"], "config": config, "data": facts._asdict()}
+    if choices:
+        out["choices"] = choices
+    if branched_from:
+        out["branched_from"] = branched_from
+    return out
 
 
 @dataclass
@@ -153,49 +176,92 @@ def resolve(path) -> Path:
     return path
 
 
-def save(ckpt: dict, path: Path, also: Path | None = None) -> None:
-    """Write `ckpt` to `path` (and the same bytes to `also`) without ever leaving a partial file there:
-    write a temporary file, flush and fsync it, then rename it over the old one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def digest(payload: dict) -> str:
+    """SHA-256 of everything a file holds, tensors by their dtype, shape and bytes, walked in a fixed order:
+    what torch.load returns hashes to the same digest exactly when nothing in it changed."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                walk(str(k))
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        elif torch.is_tensor(x):
+            h.update(f"<{x.dtype} {tuple(x.shape)}>".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(payload)
+    return h.hexdigest()
+
+
+def peek_step(path: Path) -> int:
+    """A checkpoint's step, read without loading its tensors (-1 where it cannot be read)."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return -1
+
+
+def branches(path: Path, rollback: bool = False) -> bool:
+    """Does resuming from `path` continue in a new run folder? It does when `path` is an earlier checkpoint
+    of a run whose last.pt has gone further, so that the later work is kept, unless rollback=true asks to
+    continue in the run's own folder from there."""
+    last = run_dir_of(path) / "checkpoints" / "last.pt"
+    if rollback or not last.is_file() or Path(path).resolve() == last.resolve():
+        return False
+    return 0 <= peek_step(path) < peek_step(last)
+
+
+def save(ckpt: dict, path: Path, also: Path | None = None, kind: str = "checkpoint") -> None:
+    """Write `ckpt`, with gentrain's header and the digest of its payload, to `path` (and the same bytes to
+    `also`) without ever leaving a partial file there (files.atomic)."""
+    payload = {"format": FORMAT, "version": VERSION, **ckpt} if kind == "checkpoint" else ckpt
+    path = Path(path)
+    with files.atomic(path, note=f"the previous {kind} there is intact", what=kind) as tmp:
+        torch.save({**payload, "digest": digest(payload)}, tmp)
         if also is not None:
             also.unlink(missing_ok=True)
             try:
-                os.link(tmp, also)  # a second name for the same fsynced bytes: no second write
+                os.link(tmp, also)  # a second name for the same bytes: no second write
             except OSError:  # a filesystem without hard links
                 shutil.copyfile(tmp, also)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"is the disk full? {str(e).splitlines()[0]}"
-        raise GentrainError(f"could not write checkpoint {path} ({reason}); "
-                            f"the previous checkpoint there is intact") from None
 
 
 def read(path: Path, what: str = "gentrain checkpoint"):
-    """torch.load(weights_only=True) of a file that should be a `what`: a file that is not a PyTorch file,
-    is truncated or corrupt, or carries a pickle payload (which is never run) is one GentrainError."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise GentrainError(f"{path} is not a {what} (not a PyTorch file)")
+    """torch.load(weights_only=True) of a file that should be a `what`, its digest checked: a file that is
+    not a PyTorch file, is truncated or corrupt, carries a pickle payload (which is never run), or whose
+    contents no longer match their digest (bit rot, a damaged copy) is one GentrainError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+                raise GentrainError(f"{path} is not a {what} (not a PyTorch file)")
+    except OSError as e:
+        raise GentrainError(f"cannot read {path} ({files.cause(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad CRC, EOF, a pickle payload, ...
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise GentrainError(f"{path} holds Python objects that a {what} never contains; "
                                 f"refusing to load it (nothing in it was run)") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GentrainError(f"cannot read {what} {path}: it is truncated or corrupt ({first})") from None
+    if isinstance(obj, dict) and "digest" in obj:
+        stored = obj.pop("digest")
+        if stored != digest(obj):
+            raise GentrainError(f"{what} {path} is corrupted: its contents do not match their digest (a damaged "
+                                f"or incomplete copy); use another copy or an earlier checkpoint")
+    elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+        log.warning("note: %s was written before checkpoints carried a digest; loaded without verifying it", path)
+    return obj
 
 
 def load(path) -> Checkpoint:
@@ -209,4 +275,22 @@ def load(path) -> Checkpoint:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise GentrainError(f"{path} is an incomplete gentrain checkpoint (missing {', '.join(missing)})")
+    _check_facts(path, ckpt)
     return Checkpoint(path, ckpt)
+
+
+def _check_facts(path: Path, ckpt: dict) -> None:
+    """What a checkpoint says about itself must hold together before anything is built from it."""
+    config, facts = ckpt["config"], ckpt["data"]
+    bad = None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "dataset")):
+        bad = "its config is not a gentrain config"
+    elif ckpt["family"] not in models.FAMILIES or config["model"].get("family") != ckpt["family"]:
+        bad = f"its family {ckpt['family']!r} is not its config's model.family {config['model'].get('family')!r}"
+    elif not isinstance(facts, dict) or not all(isinstance(facts.get(k), int) and not isinstance(facts.get(k), bool)
+                                                 and facts[k] >= 0 for k in ("channels", "image_size")):
+        bad = "its dataset facts are not the channels and image size it was sized for"
+    elif not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["model"], dict):
+        bad = "its step or weights are not a step and a state dict"
+    if bad:
+        raise GentrainError(f"{path} is not a consistent gentrain checkpoint: {bad}")

@@ -12,7 +12,9 @@ errors into one line. Each verb is a module of gentrain.commands:
 Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job` work for each.
 """
 
+import re
 import sys
+from pathlib import Path
 
 from gentrain.errors import GentrainError, fail, quote
 
@@ -34,17 +36,20 @@ def _one_line(e: Exception) -> str:
     return "; ".join(ln.rstrip(".") for ln in lines[:5])
 
 
-def check_overrides(verb: str, args: list[str]) -> None:
+def check_overrides(verb: str, args: list[str]) -> str | None:
     """Compose the config of every job the command line asks for before Hydra runs any of them, so a
-    bad override (unknown group option, misspelt key, bad value) is one clear line and nothing runs."""
+    bad override (unknown group option, misspelt key, bad value) is one clear line and nothing runs.
+    Returns the first job's run folder, as Hydra would name it now."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from gentrain.config import check_train, config_dir
+    from gentrain.config import check, check_train, config_dir
 
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return  # Hydra's own flags (--help, --cfg, ...): Hydra handles those
+        return None  # Hydra's own flags (--help, --cfg, ...): Hydra handles those
     multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if not a.startswith("-")]
     try:
@@ -53,17 +58,46 @@ def check_overrides(verb: str, args: list[str]) -> None:
         # the jobs checked here take every discrete choice and the base value of those keys.
         parsed = [o for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
         jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+        run_dir = None
         with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=verb):
             for i, job in enumerate(jobs):
                 cfg = compose(verb, overrides=job, return_hydra_config=i == 0)
-                if i == 0 and multirun:
-                    _check_launcher(str(cfg.hydra.launcher.get("_target_", "")))
+                if i == 0:
+                    run_dir = str(cfg.hydra.run.dir)
+                    if multirun:
+                        _check_launcher(str(cfg.hydra.launcher.get("_target_", "")))
                 if verb == "train" and not cfg.resume:
                     check_train(cfg)
+                else:
+                    check(verb, cfg)
+        return run_dir
     except GentrainError as e:
         fail(str(e))
-    except Exception as e:  # Hydra's composition and parse errors
+    except (HydraException, OmegaConfBaseException) as e:  # Hydra's composition and parse errors
+        key = re.search(r"Could not override '([^']+)'", str(e))
+        if key:  # a misspelt key: the nearest known ones, never Hydra's advice to append it with +
+            from gentrain.config import unknown
+
+            fail(str(unknown(key.group(1), verb, _keys(verb, [o for o in overrides if not o.startswith(key.group(1))]))))
         fail(_one_line(e))
+
+
+def _keys(verb: str, overrides: list[str]) -> list[str]:
+    """Every key of the verb's config as these overrides compose it (none where they do not compose)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    from gentrain.config import config_dir
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, DictConfig) else [f"{prefix}{k}"]
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            return list(flat(compose(verb, overrides=overrides)))
+    except Exception:
+        return []
 
 
 def _check_launcher(target: str) -> None:
@@ -74,23 +108,27 @@ def _check_launcher(target: str) -> None:
                             "machine's PATH; run the command on the cluster's login node")
 
 
-def _resume_dir(args: list[str]) -> str | None:
-    """A resumed run continues in its own folder: point Hydra's run dir there, keeping its .hydra/."""
+def _resume_dir(args: list[str]) -> tuple[str, bool] | None:
+    """The folder a resumed run continues in, and whether Hydra's run dir must be pointed there: its own
+    folder (keeping its .hydra/), unless it branches from an earlier checkpoint into a new folder
+    (checkpoint.branches) or hydra.run.dir says where."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from gentrain.checkpoint import resolve, run_dir_of
+    from gentrain import checkpoint
 
-    for a in args:
-        value = OverridesParser.create().parse_override(a).value() if a.startswith("resume=") else None
-        if value:  # not resume=, resume=null
-            try:
-                run = str(run_dir_of(resolve(value)))
-            except GentrainError as e:
-                fail(str(e))
-            if any(b.startswith("hydra.run.dir=") for b in args):
-                return None
-            return quote(run)
-    return None
+    parse = lambda a: OverridesParser.create().parse_override(a).value()
+    value = next((parse(a) for a in args if a.startswith("resume=")), None)
+    if not value:  # no resume=, or resume=null
+        return None
+    rollback = next((parse(a) for a in args if a.startswith("rollback=")), False) is True
+    given = next((parse(a) for a in args if a.startswith("hydra.run.dir=")), None)
+    try:
+        path = checkpoint.resolve(value)
+        if given is not None or checkpoint.branches(path, rollback):
+            return None if given is None else (str(given), False)
+        return str(checkpoint.run_dir_of(path)), True
+    except GentrainError as e:
+        fail(str(e))
 
 
 def _metrics_list(args: list[str]) -> list[str]:
@@ -99,18 +137,29 @@ def _metrics_list(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C before the loop took it over (importing torch, loading data)
+        fail("interrupted (checkpoints already written are intact)", 130)
+
+
+def _main(args: list[str]) -> None:
     verb = args.pop(0) if args and args[0] in VERBS else "train"
     if verb == "plot":
         from gentrain.commands.plot import main as plot
 
         return plot(args)
     args = _metrics_list(args)
-    check_overrides(verb, args)
-    if verb == "train" and "-m" not in args and "--multirun" not in args and (run := _resume_dir(args)):
-        args += [f"hydra.run.dir={run}", "hydra.output_subdir=null"]
-    from gentrain import dist
+    run_dir = check_overrides(verb, args)
+    from gentrain import dist, files
 
+    single = verb == "train" and not {"-m", "--multirun"} & set(args) and run_dir is not None
+    if single and (resumed := _resume_dir(args)):
+        run_dir, pin = resumed
+        if pin:
+            args += [f"hydra.run.dir={quote(run_dir)}", "hydra.output_subdir=null"]
+    elif single and not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={quote(run_dir)}")  # the folder locked below is the one Hydra writes
     if dist.rank() > 0:
         # torchrun's other workers: rank 0 picks the run folder and writes every file (gentrain.dist)
         args += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
@@ -128,4 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         from gentrain.commands.classifier import main as task
     else:
         from gentrain.commands.train import main as task
-    task()
+    if single and not dist.launched():  # one run at a time in a folder; a failed start leaves nothing behind
+        try:
+            with files.run_folder(Path(run_dir).expanduser()):
+                task()
+        except GentrainError as e:
+            fail(str(e))
+    else:
+        task()

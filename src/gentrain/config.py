@@ -1,19 +1,28 @@
-"""Where the configs live, and the checks of a training config that Hydra's schema cannot express: the
-trainer's and optimizer's values here, the model's by its family (models.check), the dataset's by the
-dataset table (data.facts). Nothing in it knows one family from another."""
+"""Where the configs live, and every verb's config checked before any work, by one mechanism: a table of
+each key's type, range or choices (SCHEMAS), then the rules that join keys. A model's settings are its
+family's (typed by the family's own signature, models.settings, and checked by its `check`), a dataset's
+facts come from the dataset table; nothing here knows one family from another.
 
+A key the table does not know is refused with the nearest known keys ("did you mean"), so a misspelt
+`+trainer.stpes=100` never trains with the key silently ignored.
+"""
+
+import difflib
+import inspect
+import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gentrain import data, dist, models
-from gentrain.checks import at_least, one_of, positive
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
+from gentrain.metrics import METRICS, SCORES, skipped_metrics
 
 # The config groups: on resume these cannot change, only keys inside them.
 GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
+LARGEST = 2 ** 31 - 1  # no count (steps, images, samples) gentrain takes is larger
 
 
 def config_dir() -> Path:
@@ -25,60 +34,222 @@ def config_dir() -> Path:
     raise GentrainError(f"gentrain's configs are missing (looked in {here / 'configs'}); reinstall gentrain")
 
 
-def check_fast(cfg: DictConfig, device, amp, processes: int) -> None:
-    """The data path's and the fast step's switches (gentrain.data, gentrain.fast)."""
-    t = cfg.trainer
-    one_of("trainer.channels_last", t.channels_last, ("auto", True, False))
-    one_of("trainer.compile", t.compile)
-    one_of("trainer.cuda_graphs", t.cuda_graphs)
-    if "on_device" in cfg.dataset:  # image datasets
-        one_of("dataset.on_device", cfg.dataset.on_device, ("auto", True, False))
-        one_of("dataset.hflip", cfg.dataset.hflip)
-    at_least("dataset.workers", cfg.dataset.get("workers", 0), 0)
-    if not t.cuda_graphs:
-        return
-    # A captured step replays the same kernels on the same shapes, and nothing in it may wait for the host.
-    if device.type != "cuda":
-        raise GentrainError("trainer.cuda_graphs=true needs a CUDA GPU; leave it off on the CPU")
-    if amp is torch.float16:
-        raise GentrainError("trainer.cuda_graphs=true cannot capture fp16's GradScaler, which checks for overflow "
-                            "on the host; use trainer.precision=bf16 or fp32")
-    if processes > 1:
-        raise GentrainError("trainer.cuda_graphs=true runs in one process; with trainer.devices > 1 leave it off")
+# Rules: each takes (key, value) and raises one GentrainError line naming the key, the value and what fits.
+
+def _kind(value) -> str:
+    return "null" if value is None else "a list" if isinstance(value, (list, ListConfig)) else repr(value)
 
 
-def check_train(cfg: DictConfig) -> None:
-    """Reject values that would fail later, or silently train something else, with one clear line."""
-    missing = [f"{g}.{k}" for g in ("dataset", "model", "trainer", "optim")
-               for k in cfg[g] if OmegaConf.is_missing(cfg[g], k)]
-    if missing:
-        raise unset(missing[0])
-    t = cfg.trainer
-    for key in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "n_samples", "devices"):
-        positive(f"trainer.{key}", t[key])
-    positive("optim.lr", cfg.optim.lr, integer=False)
-    if t.get("max_minutes") is not None:
-        positive("trainer.max_minutes", t.max_minutes, integer=False)
-    if not isinstance(t.eval_every, int) or isinstance(t.eval_every, bool) or t.eval_every < 0:
-        raise GentrainError(f"trainer.eval_every must be 0 (off) or a positive integer, got {t.eval_every!r}")
-    if t.eval_every:
-        positive("trainer.eval_n", t.eval_n)
-        positive("metrics.k", cfg.metrics.k)
+def integer(low: int = 0, high: int = LARGEST, optional: bool = False):
+    """An integer in [low, high]."""
+    what = (("a positive integer" if low == 1 else f"an integer >= {low}") if high == LARGEST else
+            f"an integer from {low} to {high}") + (" (or null)" if optional else "")
 
-    # The model, by its family, against the dataset's facts; then the optimizers it has.
-    models.check(cfg.model, data.facts(cfg.dataset))
-    optimizers = models.family(cfg.model.family).optimizers
-    for key in (k for k in cfg.optim if str(k).startswith("lr_")):
-        if key[len("lr_"):] not in optimizers:
-            raise GentrainError(f"optim.{key}: {cfg.model.family} has no phase {key[len('lr_'):]!r}; "
-                                f"per-phase learning rates are {', '.join('optim.lr_' + p for p in optimizers)}")
-        if cfg.optim[key] is not None:
-            positive(f"optim.{key}", cfg.optim[key], integer=False)
-    target = str(cfg.optim.get("_target_", ""))
-    if not target.startswith("torch.optim."):
+    def rule(key, value):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            limit = f" up to {high}" if high == LARGEST and isinstance(value, int) and value > high else ""
+            raise GentrainError(f"{key} must be {what}{limit}, got {_kind(value)}")
+    return rule
+
+
+def number(low: float | None = None, high: float | None = None, above: bool = False, below: bool = False,
+           optional: bool = False):
+    """A finite number in [low, high] (above, below: strictly)."""
+    if (low, above, high) == (0, True, None):
+        what = "a positive number"
+    else:
+        bounds = [f"{'>' if above else '>='} {low:g}" if low is not None else None,
+                  f"{'<' if below else '<='} {high:g}" if high is not None else None]
+        what = "a number " + " and ".join(b for b in bounds if b)
+
+    def rule(key, value):
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low is None or (value > low if above else value >= low))
+        ok = ok and (high is None or (value < high if below else value <= high))
+        if not ok:
+            raise GentrainError(f"{key} must be {what}{' (or null)' if optional else ''}, got {_kind(value)}")
+    return rule
+
+
+def positive(optional: bool = False):
+    return number(0, above=True, optional=optional)
+
+
+def boolean(key, value):
+    if not isinstance(value, bool):
+        raise GentrainError(f"{key} must be true or false, got {_kind(value)}")
+
+
+def choice(*values, optional: bool = False):
+    def rule(key, value):
+        if value is None and optional:
+            return
+        if not any(value is v if isinstance(v, bool) else (value == v and not isinstance(value, bool)) for v in values):
+            raise GentrainError(f"{key} must be one of {'|'.join(str(v).lower() for v in values)}, got {_kind(value)}")
+    return rule
+
+
+def text(optional: bool = False):
+    def rule(key, value):
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value:
+            raise GentrainError(f"{key} must be a {'path' if 'root' in key or 'dir' in key else 'text'}"
+                                f"{' (or null)' if optional else ''}, got {_kind(value)}")
+    return rule
+
+
+def list_of(item, min_len: int = 0, max_len: int | None = None):
+    def rule(key, value):
+        if not isinstance(value, (list, ListConfig)) or len(value) < min_len or (max_len and len(value) > max_len):
+            size = f"{min_len}" if min_len == max_len else f"at least {min_len}"
+            raise GentrainError(f"{key} must be a list of {size} values, like [a,b], got {_kind(value)}")
+        for i, v in enumerate(value):
+            item(f"{key}[{i}]", v)
+    return rule
+
+
+def anything(key, value):
+    pass
+
+
+DEVICE = choice("auto", "cpu", "cuda")
+SEED = integer(0, 2 ** 63 - 1)
+
+TRAINER = {
+    "steps": integer(1), "max_minutes": positive(optional=True), "batch_size": integer(1), "device": DEVICE,
+    "devices": integer(1, 1024), "sync_bn": boolean, "precision": choice("auto", "fp32", "bf16", "fp16"),
+    "channels_last": choice("auto", True, False), "compile": boolean, "cuda_graphs": boolean,
+    "log_every": integer(1), "sample_every": integer(1), "ckpt_every": integer(1), "n_samples": integer(1, 10_000),
+    "eval_every": integer(0), "eval_n": integer(2), "eval_metric": choice(*SCORES),
+}
+DATASET = {
+    "name": choice(*data.DATASETS), "root": text(), "image_size": integer(1, 65536), "download": boolean,
+    "on_device": choice("auto", True, False), "hflip": boolean, "workers": integer(0, 256),
+    "channels": choice(1, 3), "background": choice("white", "black"), "skip_bad": boolean,
+    "n": integer(1, 100_000_000), "seed": SEED,
+}
+METRICS_KEYS = {
+    "compute": list_of(choice(*METRICS), min_len=1), "features": choice("auto", "classifier", "inception"),
+    "inception_weights": text(optional=True), "split": choice("train", "test"), "ref_n": integer(2, optional=True),
+    "k": integer(1), "nll_n": integer(1, optional=True), "kid_subsets": integer(1), "kid_subset_size": integer(2),
+    "pr_k": integer(1), "cache_dir": text(optional=True),
+}
+OPTIM = {"_target_": text(), "_partial_": choice(True), "lr": positive(), "betas": list_of(number(0, 1, below=True), 2, 2),
+         "eps": positive(), "weight_decay": number(0), "momentum": number(0), "lr_*": positive(optional=True)}
+
+SCHEMAS = {
+    "train": {"seed": SEED, "resume": text(optional=True), "rollback": boolean, "trainer": TRAINER, "dataset": DATASET,
+              "metrics": METRICS_KEYS, "optim": OPTIM, "model": None, "experiment": anything,
+              "hparams_search": anything},
+    "sample": {"ckpt": text(), "n": integer(1, 1_000_000), "seed": SEED, "out": text(optional=True),
+               "mode": choice("grid", "interpolate", "reconstruct"), "device": DEVICE, "batch_size": integer(1),
+               "data_root": text(optional=True), "nrow": integer(1, optional=True),
+               "class": integer(0, optional=True), "ema": boolean},
+    "eval": {"ckpt": text(optional=True), "n": integer(2, 1_000_000), "seed": SEED, "out": text(optional=True),
+             "device": DEVICE, "batch_size": integer(1), "data_root": text(optional=True), "ema": boolean,
+             "metrics": METRICS_KEYS, "dataset": DATASET},
+    "encode": {"ckpt": text(), "input": text(), "out": text(), "n": integer(1, optional=True), "device": DEVICE,
+               "batch_size": integer(1), "data_root": text(optional=True),
+               "background": choice("white", "black", optional=True)},
+    "decode": {"ckpt": text(optional=True), "input": text(), "out": text(), "device": DEVICE, "batch_size": integer(1)},
+    "classifier": {"dataset": DATASET, "metrics": METRICS_KEYS, "epochs": integer(1, 1000), "batch_size": integer(1),
+                   "lr": positive(), "seed": SEED, "device": DEVICE, "retrain": boolean},
+}
+
+
+def known_keys(verb: str) -> list[str]:
+    out = []
+    for key, rule in SCHEMAS[verb].items():
+        out += [f"{key}.{k}" for k in rule] if isinstance(rule, dict) else [key]
+    return out
+
+
+def unknown(key: str, verb: str, extra: list[str] = ()) -> GentrainError:
+    """A key no config of `verb` has, with the nearest known ones."""
+    known = [k for k in dict.fromkeys([*known_keys(verb), *extra]) if "*" not in k]
+    near = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(near)}?" if near else f"; `gentrain {verb if verb != 'train' else ''} --help` lists the keys"
+    return GentrainError(f"{key} is not a key of gentrain{'' if verb == 'train' else ' ' + verb}{hint.replace('  ', ' ')}")
+
+
+def _check_node(verb: str, prefix: str, node, table: dict) -> None:
+    for key in node:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            raise unset(full)
+        rule = table.get(key) or (table.get("lr_*") if str(key).startswith("lr_") else None)
+        if rule is None and key not in table:
+            raise unknown(full, verb)
+        if isinstance(rule, dict):
+            _check_node(verb, f"{full}.", node[key], rule)
+        elif rule is not None:
+            rule(full, node[key])
+
+
+def _check_optim(verb: str, optim) -> None:
+    """optim: the table's keys, and any other a torch.optim optimizer's constructor takes (+optim.amsgrad=true)."""
+    target = str(optim.get("_target_", ""))
+    if not target.startswith("torch.optim.") or not isinstance(getattr(torch.optim, target[12:], None), type):
         # The optimizer is built with hydra.utils.instantiate, also when resuming from a
         # checkpoint's stored config: only torch's own optimizers may be named there.
         raise GentrainError(f"optim._target_ must name a torch.optim optimizer, got {target!r}")
+    accepts = inspect.signature(getattr(torch.optim, target[12:])).parameters
+    for key in optim:
+        rule = OPTIM.get(key) or (OPTIM["lr_*"] if str(key).startswith("lr_") else None)
+        if rule is None and key not in accepts:
+            raise unknown(f"optim.{key}", verb, [f"optim.{k}" for k in accepts if k != "params"])
+        if OmegaConf.is_missing(optim, key):
+            raise unset(f"optim.{key}")
+        if rule is not None:
+            rule(f"optim.{key}", optim[key])
+
+
+def check(verb: str, cfg: DictConfig) -> None:
+    """Every key of a verb's config against the table (the model's against its family), before any work."""
+    table = SCHEMAS[verb]
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if key not in table:
+            raise unknown(str(key), verb)
+        if OmegaConf.is_missing(cfg, key):
+            raise unset(str(key))
+        value, rule = cfg[key], table[key]
+        if key == "model":
+            models.check_types(value)
+        elif key == "optim":
+            _check_optim(verb, value)
+        elif isinstance(rule, dict):
+            if value is not None:
+                _check_node(verb, f"{key}.", value, rule)
+        else:
+            rule(str(key), value)
+
+
+def check_train(cfg: DictConfig) -> None:
+    """A training config: every key (check), then the rules that join keys, with one clear line."""
+    check("train", cfg)
+    t = cfg.trainer
+    # The model, by its family, against the dataset's facts; then the optimizers it has.
+    facts = data.facts(cfg.dataset)
+    models.check(cfg.model, facts)
+    family = models.family(cfg.model.family)
+    for key in (k for k in cfg.optim if str(k).startswith("lr_")):
+        if key[len("lr_"):] not in family.optimizers:
+            raise GentrainError(f"optim.{key}: {cfg.model.family} has no phase {key[len('lr_'):]!r}; per-phase "
+                                f"learning rates are {', '.join('optim.lr_' + p for p in family.optimizers)}")
+    if t.eval_every:  # the score that picks best.pt must be one evaluation computes for this model and data
+        metric = SCORES[t.eval_metric][0]
+        skipped = skipped_metrics([metric], family.capabilities, data.dataset(cfg.dataset.name))
+        if metric not in cfg.metrics.compute or skipped:
+            why = skipped.get(metric) or f"metrics.compute={list(cfg.metrics.compute)} does not compute {metric}"
+            raise GentrainError(f"trainer.eval_metric={t.eval_metric} is not computed here ({why}); choose a score "
+                                f"of metrics.compute, or add {metric} to it")
 
     # Where it runs.
     device = pick_device(t.device)  # also: cuda asked for where torch sees none
@@ -90,4 +261,12 @@ def check_train(cfg: DictConfig) -> None:
     if t.sync_bn and processes > 1 and device.type != "cuda":
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
-    check_fast(cfg, device, amp, processes)
+    if t.cuda_graphs:
+        # A captured step replays the same kernels on the same shapes, and nothing in it may wait for the host.
+        if device.type != "cuda":
+            raise GentrainError("trainer.cuda_graphs=true needs a CUDA GPU; leave it off on the CPU")
+        if amp is torch.float16:
+            raise GentrainError("trainer.cuda_graphs=true cannot capture fp16's GradScaler, which checks for "
+                                "overflow on the host; use trainer.precision=bf16 or fp32")
+        if processes > 1:
+            raise GentrainError("trainer.cuda_graphs=true runs in one process; with trainer.devices > 1 leave it off")

@@ -144,13 +144,18 @@ def _load_torchvision(name: str, dataset_cfg, split: str, streamable: bool = Fal
     """A torchvision dataset's split, resized to dataset.image_size."""
     cls, folder, files = TORCHVISION[name]
     root, download = Path(str(dataset_cfg.root)).expanduser(), dataset_cfg.get("download", True)
-    log.info("loading %s from %s%s", name, root, " (downloading it there if missing)" if download else "")
+    log.info("loading %s from %s", name, root)
     printed = io.StringIO()
+    # A download that fails leaves no folders behind: a mistyped dataset.root must not sprout MNIST/raw.
+    new_dirs = [p for p in (root / folder, *(root / folder).parents) if not p.exists()]
     try:
         # torchvision prints every mirror it tries; the exception below says what failed, in one line.
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             ds = cls(str(root), train=split == "train", download=download)
     except Exception as e:
+        for p in new_dirs:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if empty
         reason = "downloads are off (dataset.download=false)" if not download else "and it could not be downloaded"
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise GentrainError(f"{name} not found in {root / folder} (expected {files}) {reason}: {detail}. "

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gentrain import checkpoint, dist, fast
+from gentrain import checkpoint, dist, fast, files
 from gentrain.errors import GentrainError, Interrupted
 from gentrain.images import save_grid
 from gentrain.models import grid_codes
@@ -245,8 +245,9 @@ class RunFolder:
         self.last, self.metrics = self.checkpoints / "last.pt", run_dir / "metrics.jsonl"
 
     def start(self, step: int, logged_at: int, reals) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.samples.mkdir(parents=True, exist_ok=True)
+        for folder in (self.dir, files.make_dir(self.checkpoints), files.make_dir(self.samples)):
+            for stale in files.remove_stale_temps(folder):  # writes a killed run left unfinished
+                log.info("removed %s, left by a write that was stopped midway", stale)
         if step == 0:
             save_grid(reals(), self.dir / "reals.png")
         self._truncate_metrics(logged_at, step)
@@ -259,20 +260,32 @@ class RunFolder:
 
     def write_metrics(self, record: dict) -> None:
         if self.writes:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            files.append_line(self.metrics, json.dumps(record))
 
     def _truncate_metrics(self, logged_at: int, step: int) -> None:
         """A resumed run logs again from the checkpoint's last full log interval, and evaluates again after
-        the checkpoint's step: drop the lines it will write again."""
+        the checkpoint's step: drop the lines it will write again, and any line that a killed write or a
+        full disk left unreadable (saying how many)."""
         if not self.metrics.exists():
             return
-        lines = self.metrics.read_text().splitlines(keepends=True)
-        records = [json.loads(ln) if ln.strip() else None for ln in lines]
-        kept = [ln for ln, r in zip(lines, records)
+        lines = self.metrics.read_text(errors="replace").splitlines(keepends=True)
+        records = [read_record(ln) for ln in lines]
+        damaged = sum(r is None and bool(ln.strip()) for ln, r in zip(lines, records))
+        if damaged:
+            log.warning("note: dropped %d unreadable line(s) of %s (a write cut short)", damaged, self.metrics)
+        kept = [ln if ln.endswith("\n") else ln + "\n" for ln, r in zip(lines, records)
                 if r is not None and r["step"] <= (step if any(k.startswith("eval/") for k in r) else logged_at)]
-        if len(kept) != len(lines):
-            self.metrics.write_text("".join(kept))
+        if kept != lines:
+            files.write_text(self.metrics, "".join(kept))
+
+
+def read_record(line: str) -> dict | None:
+    """A metrics.jsonl line as its record, or None where it is not one (blank, cut short, garbage)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def _fixed_noise(model, n: int, seed: int, device: torch.device) -> tuple[tuple, int | None]:

@@ -4,7 +4,7 @@ feature space of metrics.features=classifier."""
 import hydra
 from omegaconf import DictConfig
 
-from gentrain.config import config_dir
+from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import reported
 from gentrain.metrics.classifier import ensure
@@ -15,6 +15,7 @@ from gentrain.metrics.evaluator import cache_dir_for
 @reported
 def main(cfg: DictConfig) -> None:
     """`gentrain classifier dataset=NAME`: train (or show) the cached classifier of a dataset."""
+    check("classifier", cfg)
     device = pick_device(cfg.device, key="device")
     cache = cache_dir_for(cfg.metrics, cfg.dataset)
     _, info, path = ensure(cfg.dataset, cache, device, retrain=cfg.retrain, epochs=cfg.epochs,

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from gentrain import checkpoint, data
-from gentrain.config import config_dir
+from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
 from gentrain.images import save_pngs, to_signed
@@ -82,8 +82,7 @@ def load_coder(ckpt_path, device) -> tuple[torch.nn.Module, checkpoint.Checkpoin
 @torch.no_grad()
 def encode_images(cfg: DictConfig) -> None:
     """Encode cfg.input with the checkpoint cfg.ckpt into the codes file cfg.out, and print what the codes cost."""
-    if cfg.n is not None and (isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1):
-        raise GentrainError(f"n must be a positive integer (or null: every image), got {cfg.n!r}")
+    check("encode", cfg)
     device = pick_device(cfg.device, key="device")
     model, ckpt = load_coder(cfg.ckpt, device)
     images, labels, names, source = read_images(cfg, ckpt)
@@ -109,11 +108,7 @@ def encode_images(cfg: DictConfig) -> None:
               "labels": labels if model.num_classes else None,
               "image_shape": list(images.shape[1:]), "code_shape": model.code_shape,
               "num_codes": model.num_codes, "bits_per_image": bits}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(result, out)
-    except OSError as e:
-        raise GentrainError(f"could not write {out} ({e.strerror})") from None
+    checkpoint.save(result, out, kind="codes file")
     print(f"encoded {len(codes)} images ({source}) with {ckpt.describe()} into {out}")
     print(model.describe_codes(codes.dtype, rate_bits, stored_bits))
 
@@ -121,6 +116,7 @@ def encode_images(cfg: DictConfig) -> None:
 @torch.no_grad()
 def decode_codes(cfg: DictConfig) -> None:
     """Decode the codes file cfg.input with the checkpoint cfg.ckpt into one PNG per code in cfg.out."""
+    check("decode", cfg)
     out = Path(str(cfg.out)).expanduser()
     stored = load_codes(cfg.input)
     device = pick_device(cfg.device, key="device")

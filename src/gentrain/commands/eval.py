@@ -8,8 +8,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data
-from gentrain.config import config_dir
+from gentrain import checkpoint, data, files
+from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
 from gentrain.metrics.evaluator import Evaluator
@@ -26,8 +26,7 @@ def table(result: dict) -> str:
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base="1.3")
 @reported
 def main(cfg: DictConfig) -> None:
-    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 2:
-        raise GentrainError(f"n must be an integer of at least 2, got {cfg.n!r}")
+    check("eval", cfg)
     device = pick_device(cfg.device, key="device")
     if cfg.ckpt is not None and cfg.get("dataset") is not None:
         raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
@@ -60,9 +59,5 @@ def main(cfg: DictConfig) -> None:
         result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),
                                "test_images": len(evaluator.test_images), **model.protocol()}
     print(table(result))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise GentrainError(f"could not write {out} ({e.strerror}); the table above has the numbers") from None
+    files.write_text(out, json.dumps(result, indent=2) + "\n", note="the table above has the numbers")
     print(f"wrote {out}")

@@ -1,29 +1,35 @@
 """`gentrain plot RUN_DIR [out=PNG]`: the run's losses and metrics over steps, one panel per group."""
 
-import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from gentrain.errors import GentrainError, fail
-from gentrain.images import pyplot
+from gentrain.images import pyplot, save_figure
+from gentrain.loop import read_record
 
 
 def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """metrics.jsonl -> {name: (steps, values)} for every numeric key but step and seconds."""
-    series = defaultdict(lambda: ([], []))
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    """metrics.jsonl -> {name: (steps, values)} for every numeric key but step and seconds; lines that are
+    not records (cut short by a killed write, garbage) are left out with a one-line note."""
+    series, skipped = defaultdict(lambda: ([], [])), 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise GentrainError(f"cannot read {path} ({e.strerror})") from None
+    for line in lines:
+        record = read_record(line)
+        if record is None:
+            skipped += bool(line.strip())
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise GentrainError(f"{path}:{n} is not a JSON line; is this a gentrain metrics file?") from None
         for key, value in record.items():
             if key not in ("step", "seconds") and isinstance(value, (int, float)) and math.isfinite(value):
                 series[key][0].append(record["step"])
                 series[key][1].append(value)
+    if skipped:
+        print(f"gentrain: note: left out {skipped} line(s) of {path} that are not metrics records", file=sys.stderr)
     return dict(series)
 
 
@@ -73,12 +79,7 @@ def plot(run_dir: Path, out: Path) -> Path:
         ax.axis("off")
     fig.suptitle(str(run_dir), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    try:
-        fig.savefig(out, dpi=100)
-    except OSError as e:
-        raise GentrainError(f"could not write {out} ({e.strerror})") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, out)
     return out
 
 

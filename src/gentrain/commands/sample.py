@@ -7,14 +7,13 @@ import torch
 from omegaconf import DictConfig
 
 from gentrain import checkpoint, data
-from gentrain.config import config_dir
+from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
-from gentrain.images import save_grid, save_pngs, to_signed
+from gentrain.images import image_format, save_grid, save_pngs, to_signed
 from gentrain.models import generate, grid_codes
 from gentrain.models.family import INTERPOLATE, RECONSTRUCT
 
-MODES = ("grid", "interpolate", "reconstruct")
 STEPS = 10  # images per interpolation row
 
 
@@ -44,7 +43,7 @@ def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> t
         classes = model.num_classes
         if not classes:
             raise GentrainError(f"class={label} needs a conditional model (model.conditional=true); this one is not")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+        if not label < classes:
             raise GentrainError(f"class must be an integer from 0 to {classes - 1}, got {label!r}")
     if cfg.mode == "grid":
         z, y, nrow = grid_codes(model, cfg.n, g, label)
@@ -83,30 +82,29 @@ def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> t
 @hydra.main(config_path=str(config_dir()), config_name="sample", version_base="1.3")
 @reported
 def main(cfg: DictConfig) -> None:
-    if cfg.mode not in MODES:
-        raise GentrainError(f"mode={cfg.mode} is not a sampling mode; choose from {', '.join(MODES)}")
-    if isinstance(cfg.n, bool) or not isinstance(cfg.n, int) or cfg.n < 1 or cfg.batch_size < 1:
-        raise GentrainError(f"n and batch_size must be positive integers, got n={cfg.n}, batch_size={cfg.batch_size}")
+    check("sample", cfg)
     device = pick_device(cfg.device, key="device")
     model, ckpt = checkpoint.load_model(cfg.ckpt, device, cfg.ema)
+    # out=: a folder of single PNGs when it ends in /, is a folder already, or has no extension; else one grid.
+    text = str(cfg.out or "")
+    out = Path(text).expanduser() if cfg.out is not None else \
+        checkpoint.run_dir_of(ckpt.path) / "samples" / f"{ckpt.path.stem}_{cfg.mode}_seed{cfg.seed}.png"
+    folder = text.endswith("/") or out.is_dir() or (cfg.out is not None and not out.suffix)
+    if folder and out.exists() and not out.is_dir():
+        raise GentrainError(f"out={text} asks for a folder of single PNGs, and {out} is a file")
+    if not folder:
+        image_format(out)  # an image extension, checked before the work
     images, nrow = images_for(cfg, model, ckpt, device)
     reference = None
     if images.ndim == 2:  # a toy model's points: one scatter plot over the dataset's test points
-        if str(cfg.out or "").endswith("/") or (cfg.out and Path(str(cfg.out)).is_dir()):
+        if folder:
             raise GentrainError("2-D points are drawn as one scatter plot; give out=FILE.png, not a folder")
         reference = data.load(ckpt.dataset_config(), split="test").images[:len(images)]
-
-    path = ckpt.path
-    out = cfg.out
-    if out is None:
-        out = checkpoint.run_dir_of(path) / "samples" / f"{path.stem}_{cfg.mode}_seed{cfg.seed}.png"
-    out = Path(str(out)).expanduser()
-    if str(cfg.out or "").endswith("/") or out.is_dir():
-        out.mkdir(parents=True, exist_ok=True)  # one PNG per image, e.g. for FID tools
+    if folder:  # one PNG per image, e.g. for FID tools
         save_pngs(images, out)
         print(f"wrote {len(images)} images to {out}/")
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, nrow, reference)
-        print(f"wrote {cfg.mode} {'scatter plot' if reference is not None else 'grid'} ({len(images)} "
-              f"{'points' if reference is not None else 'images'}) to {out}")
+        what = {"grid": "a grid", "interpolate": "an interpolation grid", "reconstruct": "a reconstruction grid"}
+        print(f"wrote {'a scatter plot' if reference is not None else what[cfg.mode]} of {len(images)} "
+              f"{'points' if reference is not None else 'images'} to {out}")

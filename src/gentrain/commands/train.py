@@ -1,10 +1,11 @@
 """`gentrain [overrides]`: build the parts a run needs from its config, then hand them to the loop."""
 
+import contextlib
 import functools
 import inspect
-import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import hydra
@@ -13,34 +14,43 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import checkpoint, data, dist, fast, loop, models
+from gentrain import checkpoint, data, dist, fast, files, loop, models
 from gentrain.config import GROUPS, check_train, config_dir
 from gentrain.device import pick_device, pick_precision, use_fast_kernels
 from gentrain.errors import GentrainError, quote, reported
-from gentrain.metrics.evaluator import SCORES, Evaluator
+from gentrain.metrics import SCORES
+from gentrain.metrics.evaluator import Evaluator
 
 log = logging.getLogger("gentrain")
 
 
 def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
-    """The checkpoint's own config, with the key overrides given on this command line on top."""
-    merged = ckpt.config
+    """The checkpoint's own config, with the key overrides given on this command line on top. The command
+    line the run was started with may be given again: a group choice equal to the run's own is accepted,
+    only a different one is refused."""
+    merged, stored = ckpt.config, ckpt.choices
     for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra."):
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in ("resume", "rollback") or key.startswith("hydra."):
             continue
         if key in GROUPS:
-            raise GentrainError(f"{key}= cannot change when resuming: the run keeps its config; "
-                                f"key overrides such as trainer.steps=N can")
+            was = stored.get(key)
+            if str(value) != str(was) and not (value in ("null", "") and was in (None, "null")):
+                raise GentrainError(f"{key}={value} cannot change when resuming: {ckpt.path} was trained with "
+                                    f"{key}={was}; a resumed run keeps its config groups (drop {key}= or give "
+                                    f"{key}={was}), while key overrides such as trainer.steps=N apply on top")
+            continue
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
-    merged.resume = cfg.resume
+    merged.resume, merged.rollback = cfg.resume, cfg.get("rollback", False)
     return with_defaults(merged, cfg)
 
 
 def with_defaults(merged: DictConfig, cfg: DictConfig) -> DictConfig:
     """A run from before a config node or key existed takes today's defaults for it."""
-    if "metrics" not in merged:
-        merged.metrics = cfg.metrics
+    for key in ("metrics", "rollback"):
+        if key not in merged:
+            merged[key] = cfg[key]
     for key, value in cfg.trainer.items():
         if key not in merged.trainer:
             merged.trainer[key] = value
@@ -78,6 +88,15 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
     return make_optimizer
 
 
+def choices(ckpt: checkpoint.Checkpoint | None) -> dict | None:
+    """The config group choices of the run: a resumed run's own, else this command's (model=gan, ...)."""
+    if ckpt is not None:
+        return ckpt.choices
+    if HydraConfig.initialized():
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    return None
+
+
 def lazy_ratio(phases, opt: str) -> float:
     """An optimizer that a lazy phase (one with every > 1) also steps takes more updates per batch than its
     main phases alone: StyleGAN2-ADA scales its learning rate and betas by mb_ratio = k / (k + 1) for one
@@ -87,30 +106,60 @@ def lazy_ratio(phases, opt: str) -> float:
     return sum(e == 1 for e in every) / sum(1 / e for e in every)
 
 
-def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | None]:
-    """The run this command asks for: its config, its folder, and the checkpoint it continues (or None).
+def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | None, dict | None]:
+    """The run this command asks for: its config, its folder, the checkpoint it continues (or None), and
+    the run and step it branches from (or None).
 
-    A run folder that already holds a run is continued only when asked (resume=), or when the same job
+    resume= continues a run in its own folder; from an earlier checkpoint than its last, it continues in a
+    new folder instead (a branch, recorded in every checkpoint of the new run), unless rollback=true.
+    A run folder that holds a checkpoint is continued only when asked (resume=), or when the same job
     starts again after its scheduler stopped it: its last checkpoint was written on a preemption signal,
-    or SLURM requeued it (SLURM_RESTART_COUNT). Then the job keeps the config it was started with.
+    or SLURM requeued it (SLURM_RESTART_COUNT). Then the job keeps the config it was started with. A
+    folder whose run stopped before its first checkpoint is started again.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    ckpt = None
+    ckpt = branched_from = None
+    last = run_dir / "checkpoints" / "last.pt"
     if cfg.resume:
-        ckpt = checkpoint.load(cfg.resume)
+        path = checkpoint.resolve(cfg.resume)
+        ckpt = checkpoint.load(path)
         cfg = resumed_config(cfg, ckpt)
-        run_dir = checkpoint.run_dir_of(checkpoint.resolve(cfg.resume))
-    elif (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "metrics.jsonl").exists():
-        last = run_dir / "checkpoints" / "last.pt"
-        ckpt = checkpoint.load(last) if last.exists() else None
-        if ckpt is None or not (ckpt.preempted or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
+        home = checkpoint.run_dir_of(path)
+        if checkpoint.branches(path, cfg.rollback):
+            branched_from = {"run": str(home.resolve()), "checkpoint": str(path.resolve()), "step": ckpt.step}
+            for name in ("metrics.jsonl", "reals.png"):  # the history up to the branch point (the loop trims it)
+                if (home / name).is_file() and not (run_dir / name).exists():
+                    shutil.copyfile(home / name, run_dir / name)
+            log.warning("note: %s is at step %d and its last checkpoint at step %d: continuing in a new run "
+                        "folder, %s, to keep its later work (rollback=true continues in %s instead)", path,
+                        ckpt.step, checkpoint.peek_step(home / "checkpoints" / "last.pt"), run_dir, home)
+        else:
+            run_dir = home
+            if cfg.rollback:
+                roll_back(run_dir, ckpt.step)
+    elif last.exists():
+        ckpt = checkpoint.load(last)
+        if not (ckpt.preempted or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
             raise GentrainError(f"{run_dir} already holds a run; continue it with resume={run_dir} "
                                 f"or pick another hydra.run.dir")
         log.info("%s was stopped by its scheduler at step %d: resuming it", run_dir, ckpt.step)
         cfg = with_defaults(ckpt.config, cfg)
         cfg.resume = str(run_dir)
+    elif (run_dir / "metrics.jsonl").exists():
+        log.warning("note: %s holds no checkpoint (its run stopped before writing one): starting it again", run_dir)
     check_train(cfg)
-    return cfg, run_dir, ckpt
+    return cfg, run_dir, ckpt, branched_from
+
+
+def roll_back(run_dir: Path, step: int) -> None:
+    """rollback=true: the run continues from `step`, so its later checkpoints and sample grids go (its later
+    metrics lines are dropped by the loop)."""
+    later = [p for folder, pattern in (("checkpoints", "step_*.pt"), ("samples", "step_*.png"))
+             for p in (run_dir / folder).glob(pattern) if int(p.stem.split("_")[1]) > step]
+    for p in later:
+        p.unlink()
+    log.warning("note: rolled %s back to step %d (rollback=true): removed %d later checkpoint(s) and grid(s)",
+                run_dir, step, len(later))
 
 
 def objective(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -120,9 +169,8 @@ def objective(cfg: DictConfig, run_dir: Path) -> float | None:
         return None
     lower = SCORES[cfg.trainer.eval_metric][1]
     name = f"eval/{cfg.trainer.eval_metric}"
-    with open(run_dir / "metrics.jsonl") as f:
-        scores = [v for line in f if line.strip()
-                  for k, v in json.loads(line).items() if k == name or k.startswith(name + "@")]
+    records = [loop.read_record(line) for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()]
+    scores = [v for r in records if r for k, v in r.items() if k == name or k.startswith(name + "@")]
     return (min if lower else max)(scores) if scores else None
 
 
@@ -130,7 +178,7 @@ def objective(cfg: DictConfig, run_dir: Path) -> float | None:
 @reported
 def main(cfg: DictConfig) -> float | None:
     if not dist.launched():
-        cfg, run_dir, ckpt = prepare(cfg)
+        cfg, run_dir, ckpt, origin = prepare(cfg)
         if cfg.trainer.devices > 1:  # gentrain trainer.devices=N: torchrun N workers of this same command
             dist.torchrun(cfg.trainer.devices, [*HydraConfig.get().overrides.task,
                                                 f"hydra.run.dir={quote(str(run_dir))}", "hydra.output_subdir=null"])
@@ -140,21 +188,26 @@ def main(cfg: DictConfig) -> float | None:
         device = dist.init(pick_device(cfg.trainer.device))
         plan = None
         if dist.rank() == 0:
-            cfg, run_dir, ckpt = prepare(cfg)
-            plan = OmegaConf.to_container(cfg, resolve=True), run_dir
+            cfg, run_dir, ckpt, origin = prepare(cfg)
+            plan = OmegaConf.to_container(cfg, resolve=True), run_dir, origin
         plan = dist.share(plan)
         if dist.rank() != 0:
-            cfg, run_dir = OmegaConf.create(plan[0]), plan[1]
+            cfg, run_dir, origin = OmegaConf.create(plan[0]), plan[1], plan[2]
             ckpt = checkpoint.load(cfg.resume) if cfg.resume else None
+    # One run at a time in a folder: the gentrain command that started this one holds the folder's lock
+    # (files.run_folder), else (a job of a sweep, a torchrun worker started by hand) rank 0 takes it here.
+    held = files.lock_held(run_dir) or dist.rank() > 0
     try:
-        run(cfg, run_dir, device, ckpt)
+        with contextlib.nullcontext() if held else files.RunLock(run_dir):
+            run(cfg, run_dir, device, ckpt, origin)
         dist.barrier()  # every rank is done, rank 0's last checkpoint written, before the group goes away
     finally:
         dist.shutdown()
     return objective(cfg, run_dir)
 
 
-def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.Checkpoint | None) -> None:
+def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.Checkpoint | None,
+        branched_from: dict | None = None) -> None:
     """Build the data, model, optimizers, batches and evaluator the config describes, and run the loop."""
     t, d = cfg.trainer, cfg.dataset
     torch.manual_seed(cfg.seed)
@@ -186,6 +239,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     size = f"{len(train_data)} points" if facts.points else \
         f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
     loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp,
-               meta=checkpoint.meta(OmegaConf.to_container(cfg, resolve=True), facts), seed=cfg.seed,
+               meta=checkpoint.meta(OmegaConf.to_container(cfg, resolve=True), facts, choices(ckpt), branched_from),
+               seed=cfg.seed,
                what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
                evaluate=evaluate, best_by=best_by, reference=train_data.images[:t.n_samples] if facts.points else None)

@@ -102,15 +102,15 @@ def train(train_data: ImageData, test_data: ImageData, device: torch.device, epo
 
 
 def save(model: Classifier, path: Path, dataset: str, image_size: int, test_accuracy: float, seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save({"kind": FORMAT, "classifier_version": VERSION, "dataset": dataset, "image_size": image_size,
                      "channels": model.body[0].in_channels, "num_classes": model.head[1].out_features,
-                     "test_accuracy": test_accuracy, "seconds": seconds, "model": model.state_dict()}, path)
+                     "test_accuracy": test_accuracy, "seconds": seconds, "model": model.state_dict()}, path,
+                    kind="classifier")
 
 
 def load(path: Path, device: torch.device) -> tuple[Classifier, dict]:
+    stored = checkpoint.read(path, "classifier")
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
         model = Classifier(stored["channels"], stored["num_classes"])
         model.load_state_dict(stored["model"])
     except Exception as e:

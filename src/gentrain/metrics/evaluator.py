@@ -18,21 +18,11 @@ from tqdm import tqdm
 from gentrain import data
 from gentrain.errors import GentrainError
 from gentrain.images import to_signed, to_uint8
-from gentrain.metrics import features, scores
+from gentrain.metrics import IMAGE_METRICS, METRICS, SCORES, features, no_iwae_reason, scores, skipped_metrics
 from gentrain.models import generate
-from gentrain.models.family import CODEC, IWAE, LIKELIHOOD
+from gentrain.models.family import CODEC, IWAE
 
 log = logging.getLogger("gentrain")
-
-METRICS = ("fid", "kid", "pr", "classes", "nll", "modes")
-IMAGE_METRICS = ("fid", "kid", "pr", "classes")
-# Every score that can pick best.pt: the metric that computes it, and whether lower is better.
-SCORES = {"fid": ("fid", True), "kid": ("kid", True), "precision": ("pr", False), "recall": ("pr", False),
-          "classes": ("classes", False), "class_kl": ("classes", True), "class_acc": ("classes", False),
-          "nelbo": ("nll", True), "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True),
-          "distortion": ("nll", True),
-          "modes": ("modes", False), "hq": ("modes", False)}
-
 
 def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
     """metrics.cache_dir, else beside the dataset's files; never inside a user's own image folder."""
@@ -68,25 +58,12 @@ class Evaluator:
         if unknown or not compute:
             raise GentrainError(f"metrics: {unknown[0] if unknown else 'the list is empty'} is not a metric; "
                                 f"choose from {', '.join(METRICS)}")
-        if metrics_cfg.split not in ("train", "test"):
-            raise GentrainError(f"metrics.split must be train or test, got {metrics_cfg.split!r}")
         table = data.dataset(dataset_cfg.name)
-        labelled, toy = table.labelled, table.points
-        self.skipped = {}
-        if "nll" in compute and (capabilities is None or LIKELIHOOD not in capabilities):
-            self.skipped["nll"] = "needs a VAE" if capabilities is not None else "real images have no model likelihood"
-        if "classes" in compute and not labelled and not toy:
-            self.skipped["classes"] = f"{dataset_cfg.name} data has no labels"
-        for m in compute:
-            if toy and m in IMAGE_METRICS:
-                self.skipped[m] = f"{dataset_cfg.name} holds 2-D points, not images"
-            if m == "modes" and not toy:
-                self.skipped[m] = "needs a 2-D toy dataset (ring8, grid25)"
+        labelled = table.labelled
+        self.skipped = skipped_metrics(compute, capabilities, table)
         self.compute = [m for m in compute if m not in self.skipped]
-        if "nll" in self.compute and IWAE not in capabilities:  # its rate and distortion are still measured
-            self.skipped["nll"] = ("this model's q(z|x) is not a distribution to importance-sample (a VQ-VAE's is one "
-                                   "code per cell), so there is no IWAE estimate; its bound is -log p(x) <= "
-                                   "distortion + rate")
+        if "nll" in self.compute and no_iwae_reason(capabilities):  # its rate and distortion are still measured
+            self.skipped["nll"] = no_iwae_reason(capabilities)
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
         # Building the feature network (perhaps training it) must not move the global RNG of a
         # training run that is being watched.

@@ -120,9 +120,9 @@ def reference(fs: FeatureSpace, images_of_split: Callable[[], torch.Tensor], dat
     path = cache_dir / f"reference-{dataset}-{split}-{image_size}px-{fs.key}-n{ref_n or 'all'}.pt"
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            log.warning("reference statistics %s are unreadable; recomputing them", path)
+            return checkpoint.read(path, "reference statistics")
+        except GentrainError as e:
+            log.warning("%s; recomputing them", e)
     images = images_of_split()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     images = images[order[:ref_n] if ref_n else order]
@@ -134,9 +134,7 @@ def reference(fs: FeatureSpace, images_of_split: Callable[[], torch.Tensor], dat
            "features": feats[:KEPT].clone(),
            "class_hist": None if logits is None else scores.class_histogram(logits.argmax(1), fs.num_classes)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(ref, path)
-    except (OSError, GentrainError) as e:
-        raise GentrainError(f"cannot write the metrics cache in {path.parent} ({e}); "
-                            f"set metrics.cache_dir to a writable folder") from None
+        checkpoint.save(ref, path, kind="reference statistics")
+    except GentrainError as e:
+        raise GentrainError(f"{e}; set metrics.cache_dir to a writable folder") from None
     return ref

@@ -5,6 +5,10 @@ path read from a file.
 """
 
 import inspect
+import math
+import re
+import types
+import typing
 
 import torch
 from torch import nn
@@ -42,20 +46,62 @@ def settings(model_cfg) -> tuple[type[Family], dict]:
     return cls, {**defaults, **given}
 
 
+def _fits(value, hint) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is list:
+        return isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig"
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a text", list: "a list",
+            type(None): "null"}.get(hint, hint.__name__)
+
+
+def check_types(model_cfg) -> tuple[type[Family], dict]:
+    """The family and settings of a `model` config, each setting of the type the family's constructor
+    declares for it (model.ema=maybe, model.ch=1.5 are refused here)."""
+    cls, s = settings(model_cfg)
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in s.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise GentrainError(f"model.{key} must be {_describe(hints[key])}, got {value!r}")
+    return cls, s
+
+
 def check(model_cfg, facts: DataFacts) -> None:
     """Refuse a `model` config that is wrong, or wrong for data with these facts, before any data loads."""
-    cls, s = settings(model_cfg)
+    cls, s = check_types(model_cfg)
     cls.check(s, facts)
 
 
 def build(model_cfg, channels: int, image_size: int, num_classes: int = 0) -> nn.Module:
     """The model described by a `model` config, sized for the dataset's channels and image size
     (for 2-D points: channels is the dimension and image_size 0); conditional models get the classes."""
-    cls, s = settings(model_cfg)
+    cls, s = check_types(model_cfg)
     cls.check(s, DataFacts(channels, image_size, num_classes))
     if s.get("conditional"):
         s["num_classes"] = num_classes
-    return cls(channels=channels, image_size=image_size, **s)
+    try:
+        return cls(channels=channels, image_size=image_size, **s)
+    except (RuntimeError, MemoryError) as e:  # the weights do not fit: ch=100000000
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        asked = f" (its weights would take {int(size.group(1)) / 2**30:,.1f} GiB)" if size else ""
+        raise GentrainError(f"model={model_cfg['family']} with these settings is too large to build here{asked}; "
+                            f"lower model.ch or model.z_dim") from None
 
 
 def grid_codes(model: Family, n: int, generator: torch.Generator | None = None, label: int | None = None):

@@ -77,6 +77,7 @@ class EMA(nn.Module):
 
 class GAN(nn.Module):
     optimizers = ("D", "G")
+    capabilities = frozenset()  # with model.ema, the instance's own: {"ema"}
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns",
                  arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,

@@ -1,0 +1,168 @@
+"""Every file gentrain writes goes through here: written to a temporary name beside it, flushed and renamed,
+so a failed write (a full disk, a read-only folder) never leaves a partial file under the final name and
+the file that was there stays intact; and an OSError becomes one line that names the path and the cause.
+Also the run folder's lock, so one run at a time writes into a folder.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from gentrain.errors import GentrainError
+
+TMP = ".tmp"
+
+
+def cause(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"{e.strerror}: is the disk full?"
+    return e.strerror or str(e).splitlines()[0]
+
+
+def make_dir(path: Path, what: str = "folder") -> Path:
+    """mkdir -p, one line on failure (a regular file in the way, no permission, a read-only disk)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker is not None else cause(e)
+        raise GentrainError(f"cannot create the {what} {path} ({reason})") from None
+    return path
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name a write of `path` goes to: hidden, beside it, marked with this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP}")
+
+
+@contextlib.contextmanager
+def atomic(path: Path, note: str = "", what: str = ""):
+    """`with atomic(path) as tmp:` write to `tmp`; on success it is fsynced and renamed to `path`, on any
+    failure removed, and an OSError (or the RuntimeError torch's zip writer turns one into) is one line.
+    `note` follows the cause in that line (e.g. "the previous checkpoint there is intact")."""
+    path = Path(path)
+    if path.is_dir():
+        raise GentrainError(f"cannot write {path}: it is a folder")
+    make_dir(path.parent)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            reason = cause(e)
+        elif isinstance(e, RuntimeError) and "writ" in str(e):  # torch's zip writer reports a failed write so
+            reason = f"is the disk full? {str(e).strip().splitlines()[0]}"
+        else:
+            raise
+        raise GentrainError(f"could not write {what + ' ' if what else ''}{path} ({reason}){'; ' + note if note else ''}") from None
+
+
+def write_text(path: Path, text: str, note: str = "") -> None:
+    with atomic(path, note) as tmp:
+        tmp.write_text(text)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (metrics.jsonl). A line cut short by a full disk is repaired on the next start."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise GentrainError(f"could not write {path} ({cause(e)})") from None
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files that writes killed midway left in `folder` (called by the one process that
+    holds the folder's lock, so none of them belongs to a live write)."""
+    stale = [p for p in folder.glob(f".*{TMP}") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """An exclusive lock on a run folder (RUN/.lock, holding the owner's pid and host), held while a run
+    trains there, so a second run or resume into the same folder is refused. The kernel releases it when
+    the owner dies however it dies (flock), so a lock left by a killed run is simply taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = Path(run_dir) / ".lock", None
+
+    def __enter__(self):
+        make_dir(self.path.parent, "run folder")
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise GentrainError(f"cannot create {self.path} ({cause(e)})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise GentrainError(f"{self.path.parent} is in use by another gentrain run ({owner}); wait for it to "
+                                f"finish, or give this one another hydra.run.dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+STARTUP = {".hydra", "train.log", ".lock", "reals.png", "checkpoints", "samples"}  # what a start writes first
+
+
+def remove_failed_start(run_dir: Path) -> bool:
+    """Remove a run folder that a failed start left with nothing in it but what every start writes first
+    (Hydra's record of the config, the log, the lock, empty checkpoints/ and samples/). A folder with a
+    checkpoint, a metrics line or anything else is left as it is. Returns whether it was removed."""
+    if not run_dir.is_dir():
+        return False
+    entries = list(run_dir.iterdir())
+    if any(p.name not in STARTUP or (p.name in ("checkpoints", "samples") and any(p.iterdir())) for p in entries):
+        return False
+    for p in entries:
+        if p.is_dir():
+            for q in sorted(p.rglob("*"), reverse=True):
+                q.rmdir() if q.is_dir() else q.unlink()
+            p.rmdir()
+        else:
+            p.unlink()
+    run_dir.rmdir()
+    return True
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path):
+    """Hold a run folder's lock while a run starts and trains there; if the start fails in a folder that
+    was new or empty, leave nothing behind (remove_failed_start). GENTRAIN_RUN_LOCK tells the verb, and
+    torchrun's workers, that the lock is held."""
+    run_dir = Path(run_dir).resolve()
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    with RunLock(run_dir):
+        os.environ["GENTRAIN_RUN_LOCK"] = str(run_dir)
+        try:
+            yield
+        except BaseException as e:
+            if fresh and not (isinstance(e, SystemExit) and e.code in (0, None)):
+                remove_failed_start(run_dir)
+            raise
+        finally:
+            os.environ.pop("GENTRAIN_RUN_LOCK", None)
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Is this run folder's lock held by this process or the gentrain that launched it (torchrun)?"""
+    return os.environ.get("GENTRAIN_RUN_LOCK") == str(Path(run_dir).resolve())
