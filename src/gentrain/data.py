@@ -8,6 +8,7 @@ import io
 import itertools
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -173,16 +174,20 @@ def _load_torchvision(name: str, dataset_cfg, split: str, streamable: bool = Fal
 def decode_file(path: Path, channels: int, background: str, size: int) -> torch.Tensor:
     """One image file as uint8 (channels, size, size), resized on the shorter side and centre-cropped. PIL
     decodes it: torchvision 0.29 deprecates its own decoders, and PIL reads every format listed above."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            # Composite transparency explicitly: converting RGBA to RGB would expose whatever colour
-            # the transparent pixels happen to store.
-            rgba = img.convert("RGBA")
-            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if background == "white" else (0, 0, 0, 255))
-            img.alpha_composite(rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size))
+    with warnings.catch_warnings():
+        # PIL warns above 89 megapixels and refuses above twice that: the refusal is the one-line error
+        # of an undecodable file, the warning would be two stray lines, and the image is resized anyway.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                # Composite transparency explicitly: converting RGBA to RGB would expose whatever colour
+                # the transparent pixels happen to store.
+                rgba = img.convert("RGBA")
+                img = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if background == "white" else (0, 0, 0, 255))
+                img.alpha_composite(rgba)
+            img = img.convert("L" if channels == 1 else "RGB")
+            return TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size))
 
 
 def host_budget() -> int:

@@ -33,6 +33,22 @@ def make_dir(path: Path, what: str = "folder") -> Path:
     return path
 
 
+def check_writable(path: Path, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: under a regular file, in a folder without
+    write permission, or (folder=False) a path that is a folder. Creates nothing."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise GentrainError(f"cannot write {path}: it is a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise GentrainError(f"cannot write into {path}: it is a file, not a folder")
+    existing = next(p for p in (path if folder else path.parent, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise GentrainError(f"cannot create {path} ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GentrainError(f"cannot write {path} ({existing}: permission denied)")
+    return path
+
+
 def temp_name(path: Path) -> Path:
     """The temporary name a write of `path` goes to: hidden, beside it, marked with this process."""
     return path.with_name(f".{path.name}.{os.getpid()}{TMP}")
@@ -57,7 +73,8 @@ def atomic(path: Path, note: str = "", what: str = ""):
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             reason = cause(e)
-        elif isinstance(e, RuntimeError) and "writ" in str(e):  # torch's zip writer reports a failed write so
+        elif isinstance(e, RuntimeError) and any(m in str(e) for m in ("writ", "inline_container", "StreamWriter")):
+            # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its own
             reason = f"is the disk full? {str(e).strip().splitlines()[0]}"
         else:
             raise
@@ -109,13 +126,15 @@ class RunLock:
             self.fd = None
             raise GentrainError(f"{self.path.parent} is in use by another gentrain run ({owner}); wait for it to "
                                 f"finish, or give this one another hydra.run.dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message of a run refused (not on a full disk)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc):
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data
+from gentrain import checkpoint, data, files
 from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
@@ -67,6 +67,10 @@ def load_codes(path) -> dict:
     if codes.get("version", 0) > VERSION:
         raise GentrainError(f"{path} was written by a newer gentrain (codes format {codes['version']}); "
                             f"upgrade gentrain")
+    missing = [k for k in ("family", "ckpt", "codes", "labels", "code_shape", "num_codes") if k not in codes]
+    if missing or not torch.is_tensor(codes["codes"]):
+        raise GentrainError(f"{path} is an incomplete codes file (missing {', '.join(missing) or 'its codes'}); "
+                            f"encode the images again")
     return codes
 
 
@@ -85,6 +89,7 @@ def encode_images(cfg: DictConfig) -> None:
     check("encode", cfg)
     device = pick_device(cfg.device, key="device")
     model, ckpt = load_coder(cfg.ckpt, device)
+    files.check_writable(Path(str(cfg.out)).expanduser())
     images, labels, names, source = read_images(cfg, ckpt)
     if model.num_classes and labels is None:
         raise GentrainError("a conditional VAE's code is read with the image's class, which a folder does not "
@@ -136,7 +141,7 @@ def decode_codes(cfg: DictConfig) -> None:
         raise GentrainError(f"{path} is a conditional VAE and {cfg.input} holds no labels to decode with")
     if out.exists() and not out.is_dir():
         raise GentrainError(f"out={out} is a file; decode writes one PNG per code into a folder (out=DIR/)")
-    out.mkdir(parents=True, exist_ok=True)
+    files.check_writable(out, folder=True)
     i = 0
     for start in range(0, len(codes), cfg.batch_size):
         batch = codes[start:start + cfg.batch_size].to(device)

@@ -44,7 +44,10 @@ def main(cfg: DictConfig) -> None:
         out = Path(str(cfg.out)).expanduser() if cfg.out else Path(f"eval-{dataset_cfg.name}-test.json")
     else:
         raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
+    files.check_writable(out)
     evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device)
+    if not evaluator.compute:
+        raise GentrainError("nothing to compute: " + "; ".join(f"{m} {why}" for m, why in evaluator.skipped.items()))
     if model is None:
         test = data.load(dataset_cfg, split="test").images
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))

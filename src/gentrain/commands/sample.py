@@ -6,7 +6,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data
+from gentrain import checkpoint, data, files
 from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
@@ -94,6 +94,7 @@ def main(cfg: DictConfig) -> None:
         raise GentrainError(f"out={text} asks for a folder of single PNGs, and {out} is a file")
     if not folder:
         image_format(out)  # an image extension, checked before the work
+    files.check_writable(out, folder)
     images, nrow = images_for(cfg, model, ckpt, device)
     reference = None
     if images.ndim == 2:  # a toy model's points: one scatter plot over the dataset's test points
