@@ -160,3 +160,41 @@ def test_max_minutes_ends_the_run_as_its_last_step_would(gentrain, tmp_path):
     gentrain(f"resume={run}", "trainer.max_minutes=null", "trainer.steps=4")
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert_one_line_error(gentrain("trainer.max_minutes=0", check=False), "trainer.max_minutes must be a positive number")
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_folder(gentrain, tmp_path):
+    """kill -9 during the first checkpoint write: metrics lines but no checkpoint, and the write's temporary
+    file. The same command starts the run again there, and the temporary file goes."""
+    run = tmp_path / "run"
+    args = ["model=vae", *FAST, "trainer.steps=4", f"hydra.run.dir={run}"]
+    gentrain(*args)
+    (run / "checkpoints" / "last.pt").unlink()
+    for p in (run / "checkpoints").glob("step_*.pt"):
+        p.unlink()
+    (run / "checkpoints" / ".last.pt.4242.tmp").write_bytes(b"half a checkpoint")
+    proc = gentrain(*args)
+    assert "holds no checkpoint" in proc.stdout + proc.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in metrics(run)] == [2, 4]  # the old lines gave way to the new run's
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_repairs_a_damaged_metrics_file(gentrain, tmp_path):
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "trainer.steps=4", f"hydra.run.dir={run}")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("garbage\n{\"step\": 5, \"vae/lo")  # a line of noise and one cut short by a kill
+    proc = gentrain(f"resume={run}", "trainer.steps=6")
+    assert "dropped 2 unreadable line(s)" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(run)] == [2, 4, 6]
+
+
+def test_plot_leaves_out_damaged_lines_with_a_note(gentrain, tmp_path):
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "trainer.steps=4", f"hydra.run.dir={run}")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+    proc = gentrain("plot", run)
+    assert "left out 1 line(s)" in proc.stderr and (run / "metrics.png").is_file()
+    (run / "metrics.jsonl").write_text("garbage\n")
+    assert_one_line_error(gentrain("plot", run, check=False), "has no logged values")

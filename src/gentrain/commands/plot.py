@@ -28,6 +28,9 @@ def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
             if key not in ("step", "seconds") and isinstance(value, (int, float)) and math.isfinite(value):
                 series[key][0].append(record["step"])
                 series[key][1].append(value)
+    if not series:
+        raise GentrainError(f"{path} has no logged values yet" + (f" ({skipped} line(s) are not metrics records)"
+                                                                 if skipped else ""))
     if skipped:
         print(f"gentrain: note: left out {skipped} line(s) of {path} that are not metrics records", file=sys.stderr)
     return dict(series)
@@ -61,8 +64,6 @@ def plot(run_dir: Path, out: Path) -> Path:
     if not path.is_file():
         raise GentrainError(f"no metrics.jsonl in {run_dir}; give a run folder")
     series = read_metrics(path)
-    if not series:
-        raise GentrainError(f"{path} has no logged values yet")
     groups = panels(series)
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
