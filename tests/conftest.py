@@ -188,5 +188,5 @@ def assert_one_line_error(proc, *fragments):
 
 
 # Small, fast settings for CLI runs: a few steps with every kind of output written.
-FAST = ["trainer.batch_size=32", "trainer.log_every=2", "trainer.sample_every=2", "trainer.ckpt_every=2",
+FAST = ["trainer.batch_size=32", "trainer.log_every=2", "trainer.sample_every=2", "trainer.ckpt_every=2", "trainer.keep_every=2",
         "trainer.n_samples=16", "model.ch=16"]

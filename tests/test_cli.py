@@ -11,6 +11,10 @@ def test_help_lists_groups_choices_and_main_keys(gentrain):
                  "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample",
                  "model.loss (ns|minimax|wgan|wgan_gp|hinge|lsgan|ragan)", "optim.lr_D, optim.lr_G"):
         assert text in out, text
+    assert out.rstrip().endswith("gentrain --hydra-help") and "gentrain --cfg job" in out
+    assert "Resolved config" not in out and len(out.splitlines()) < 60  # the groups and keys, not the config
+    own = gentrain("classifier", "--help").stdout
+    assert own.startswith("gentrain classifier:") and "retrain=true" in own
 
 
 def test_sample_help(gentrain):

@@ -115,7 +115,7 @@ def test_codec_mistakes_are_named(vqvae_run, tmp_path, data_root):
         (encode_images, dict(ckpt=gan, input="test"), "encode and decode need a VAE or VQ-VAE"),
         (encode_images, dict(ckpt=vqvae_run, input=tmp_path / "nowhere"), "is neither a folder of images nor a split"),
         (encode_images, dict(ckpt=vqvae_run, input=tmp_path / "empty"), "no images under"),
-        (encode_images, dict(ckpt=vqvae_run, input="test", n=0), "n must be a positive integer (or null), got 0"),
+        (encode_images, dict(ckpt=vqvae_run, input="test", n=0), r"n must be a positive integer \(or null\), got 0"),
         (decode_codes, dict(ckpt=vqvae_run, input=tmp_path / "none.pt", out=out), "codes file not found"),
         (decode_codes, dict(ckpt=vqvae_run, input=tmp_path / "foreign.pt", out=out), "not a gentrain codes file"),
         (decode_codes, dict(ckpt=vqvae_run, input=tmp_path / "note.txt", out=out), "not a PyTorch file"),

@@ -36,6 +36,7 @@ def test_gentrain_classifier_retrains_and_the_metrics_then_use_the_new_one(gentr
     proc = gentrain("classifier", "dataset=mnist", "retrain=true", "epochs=1", "device=cpu", f"metrics.cache_dir={cache}")
     accuracy = float(re.search(r"test accuracy ([\d.]+)%", proc.stdout).group(1)) / 100
     assert accuracy >= 0.985 and str(cache / "classifier-mnist-28px.pt") in proc.stdout
+    assert "classifier epoch 1/1: training accuracy" in proc.stderr  # its training shows how it goes
     out = tmp_path / "eval.json"
     gentrain("eval", f"ckpt={runs / 'gan'}", "n=100", "metrics=[fid]", f"metrics.cache_dir={cache}", f"out={out}")
     assert f"test accuracy {100 * accuracy:.2f}%" in json.loads(out.read_text())["spaces"]["classifier"]

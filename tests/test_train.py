@@ -141,6 +141,12 @@ def test_multirun_sweeps_every_combination_into_its_own_folder(gentrain, tmp_pat
         seen.add((ckpt["family"], ckpt["config"]["optim"]["lr"]))
         assert (job / "metrics.jsonl").is_file()
     assert seen == {("gan", 1e-4), ("gan", 2e-4), ("vae", 1e-4), ("vae", 2e-4)}
+    # the sweep's summary: a row per job with its overrides, steps, time and final losses
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"] and all(r["step"] == 2 for r in rows)
+    assert "model=gan" in rows[0]["overrides"] and "D/loss" in rows[0]["final"] and "vae/loss" in rows[3]["final"]
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "| job | overrides | step | minutes |" in table[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -198,3 +204,79 @@ def test_plot_leaves_out_damaged_lines_with_a_note(gentrain, tmp_path):
     assert "left out 1 line(s)" in proc.stderr and (run / "metrics.png").is_file()
     (run / "metrics.jsonl").write_text("garbage\n")
     assert_one_line_error(gentrain("plot", run, check=False), "has no logged values")
+
+
+def test_the_command_a_run_started_with_plus_resume_continues_it(gentrain, tmp_path):
+    run = tmp_path / "run"
+    command = ["model=gan", "dataset=mnist", "experiment=smoke", *FAST, "trainer.steps=2", f"hydra.run.dir={run}"]
+    gentrain(*command)
+    gentrain(*[a for a in command if not a.startswith("trainer.steps")], f"resume={run}", "trainer.steps=4")
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert_one_line_error(gentrain(*command, "experiment=dcgan_mnist", f"resume={run}", check=False),
+                          "experiment=dcgan_mnist cannot change when resuming", "was trained with experiment=smoke")
+
+
+def test_an_earlier_checkpoint_resumes_into_a_new_folder_unless_rolled_back(gentrain, tmp_path):
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "trainer.steps=6", f"hydra.run.dir={run}")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    branch = tmp_path / "branch"
+    proc = gentrain(f"resume={run / 'checkpoints' / 'step_0000002.pt'}", "trainer.steps=4", f"hydra.run.dir={branch}")
+    assert "continuing in a new run folder" in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in before} == before  # the run's later work is kept, untouched
+    ckpt = torch.load(branch / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["branched_from"]["step"] == 2 and ckpt["branched_from"]["run"] == str(run)
+    assert [r["step"] for r in metrics(branch)] == [2, 4]  # the history up to the branch point, then its own
+    # rollback=true continues in the run's own folder from step 2: its later checkpoints and grids go
+    proc = gentrain(f"resume={run / 'checkpoints' / 'step_0000002.pt'}", "rollback=true", "trainer.steps=3")
+    assert "rolled" in proc.stdout + proc.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert not (run / "checkpoints" / "step_0000006.pt").exists() and not (run / "samples" / "step_0000006.png").exists()
+    assert [r["step"] for r in metrics(run)] == [2, 3]
+
+
+def test_a_run_tells_its_story(gentrain, tmp_path):
+    """A grid before the first step, a summary at the end, TensorBoard events with the same numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    proc = gentrain("model=gan", *FAST, "trainer.steps=4", f"hydra.run.dir={run}")
+    assert (run / "samples" / "step_0000000.png").is_file()
+    done = next(line for line in (proc.stdout + proc.stderr).splitlines() if "done: 4 steps" in line)
+    assert "of training" in done and "img/s on average" in done and "step_0000004.png" in done and "last.pt" in done
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"D/loss", "G/loss", "img_per_s", "lr/D", "lr/G"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("D/loss")] == [2, 4]
+    assert [e.value for e in events.Scalars("D/loss")] == pytest.approx([r["D/loss"] for r in metrics(run)], rel=1e-6)
+    assert [e.step for e in events.Images("samples")] == [0, 2, 4]
+    assert events.PluginTagToContent("hparams")  # the run's hyperparameters with its final numbers
+
+
+def test_wandb_logs_offline_and_a_resume_continues_its_run(gentrain, tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = ["model=vae", *FAST, "trainer.loggers=[jsonl,wandb]", f"hydra.run.dir={run}"]
+    gentrain(*args, "trainer.steps=2", env=env)
+    gentrain(f"resume={run}", "trainer.steps=4", env=env)
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and len({p.name.rsplit("-", 1)[1] for p in offline}) == 1  # one W&B run, resumed
+    history = b"".join(p.read_bytes() for d in offline for p in d.glob("*.wandb"))
+    assert b"vae/loss" in history and b"samples" in history
+
+
+def test_bare_paths_and_folders_without_an_extension(gentrain, tmp_path):
+    run = tmp_path / "run"
+    gentrain("model=gan", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
+    gentrain("sample", run, "n=4", f"out={tmp_path / 'fakes2'}")  # a bare run folder; out= without an extension
+    assert sorted(p.name for p in (tmp_path / "fakes2").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert_one_line_error(gentrain("sample", run, "n=4", f"out={tmp_path / 'x.txt'}", check=False), "not an image type")
+
+
+def test_a_failed_download_leaves_no_folders(gentrain, tmp_path):
+    typo = tmp_path / "tpyo" / "data"
+    proc = gentrain("dataset=fashion_mnist", f"dataset.root={typo}", f"hydra.run.dir={tmp_path / 'run'}",
+                    env={"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}, check=False)
+    assert_one_line_error(proc, "not found in")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no dataset folders, no run folder

@@ -150,10 +150,13 @@ def _main(args: list[str]) -> None:
 
         return plot(args)
     args = _metrics_list(args)
+    if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR
     run_dir = check_overrides(verb, args)
     from gentrain import dist, files
 
-    single = verb == "train" and not {"-m", "--multirun"} & set(args) and run_dir is not None
+    # One training run started here (not a sweep, not one of torchrun's workers): its folder is known now.
+    single = verb == "train" and not {"-m", "--multirun"} & set(args) and run_dir is not None and not dist.launched()
     if single and (resumed := _resume_dir(args)):
         run_dir, pin = resumed
         if pin:
@@ -177,7 +180,7 @@ def _main(args: list[str]) -> None:
         from gentrain.commands.classifier import main as task
     else:
         from gentrain.commands.train import main as task
-    if single and not dist.launched():  # one run at a time in a folder; a failed start leaves nothing behind
+    if single:  # one run at a time in a folder; a failed start leaves nothing behind
         try:
             with files.run_folder(Path(run_dir).expanduser()):
                 task()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from gentrain import data, dist, models
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
+from gentrain.loggers import LOGGERS
 from gentrain.metrics import METRICS, SCORES, skipped_metrics
 
 # The config groups: on resume these cannot change, only keys inside them.
@@ -124,7 +125,8 @@ TRAINER = {
     "steps": integer(1), "max_minutes": positive(optional=True), "batch_size": integer(1), "device": DEVICE,
     "devices": integer(1, 1024), "sync_bn": boolean, "precision": choice("auto", "fp32", "bf16", "fp16"),
     "channels_last": choice("auto", True, False), "compile": boolean, "cuda_graphs": boolean,
-    "log_every": integer(1), "sample_every": integer(1), "ckpt_every": integer(1), "n_samples": integer(1, 10_000),
+    "log_every": integer(1), "sample_every": integer(1), "ckpt_every": integer(1), "keep_every": integer(0),
+    "n_samples": integer(1, 10_000), "loggers": list_of(choice(*LOGGERS), min_len=1), "wandb_project": text(),
     "eval_every": integer(0), "eval_n": integer(2), "eval_metric": choice(*SCORES),
 }
 DATASET = {
@@ -250,6 +252,10 @@ def check_train(cfg: DictConfig) -> None:
             why = skipped.get(metric) or f"metrics.compute={list(cfg.metrics.compute)} does not compute {metric}"
             raise GentrainError(f"trainer.eval_metric={t.eval_metric} is not computed here ({why}); choose a score "
                                 f"of metrics.compute, or add {metric} to it")
+
+    if "jsonl" not in t.loggers:
+        raise GentrainError(f"trainer.loggers must keep jsonl (metrics.jsonl is what a resume continues from), "
+                            f"got {list(t.loggers)}")
 
     # Where it runs.
     device = pick_device(t.device)  # also: cuda asked for where torch sees none

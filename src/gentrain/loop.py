@@ -30,10 +30,10 @@ log = logging.getLogger("gentrain")
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
           meta: dict, seed: int, what: str, resume: checkpoint.Checkpoint | None = None, evaluate=None,
-          best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None) -> None:
+          best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
-    its first log line; `amp` is the autocast dtype (None: fp32).
+    its first log line; `amp` is the autocast dtype (None: fp32); `loggers` get what metrics.jsonl gets.
 
     `evaluate(model) -> {name: score}` runs every t.eval_every steps; the checkpoint with the best score
     `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt. Toy data's samples are
@@ -54,23 +54,20 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
-    fixed, nrow = _fixed_noise(model, t.n_samples, seed, device)
-    files = RunFolder(run_dir)
-    if files.writes:
-        files.start(step, meter.logged_at, reals=lambda: reference if reference is not None else
-                    batches(0)[0][:t.n_samples])
+    grid = SampleGrid(model, t.n_samples, seed, device, reference)
+    report = Report(run_dir, t, step, loggers, images_per_step=t.batch_size * draws)
+    report.start(step, meter.logged_at, lambda: reference if reference is not None else batches(0)[0][:t.n_samples],
+                 grid)
     clock = Clock(seconds, step)
     # The first step whose loss was not finite, kept on the device: reading it costs a host sync, so it
     # is read only where the loop syncs anyway (log, sample and checkpoint steps).
     bad_step = torch.tensor(-1, device=device)
 
     def save(done: int, path: Path, also: Path | None = None, preempted: bool = False) -> None:
-        if files.writes:
+        if report.writes:
             checkpoint.save(checkpoint.training_state(meta, done, clock.training(), model, optimizers, scalers,
                                                       device, meter.state_dict(), best, preempted), path, also)
 
-    bar, shown = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True,
-                      disable=None if files.writes else True), {}  # shown: the bar's latest numbers
     with _StopOnSignal() as stop, logging_redirect_tqdm():
         how = [str(amp) if amp else "", "channels_last" if batches.layout is torch.channels_last else "",
                "torch.compile" if t.compile else "", "CUDA graphs" if graphs else ""]
@@ -85,7 +82,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 meter.add(stats)
             step += 1
-            bar.update(1)
+            report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
             # time is up (across resumes); a signal stops it after a checkpoint. Under torchrun every rank
             # stops at the same step: on a signal any rank has had, and when rank 0's clock runs out.
@@ -94,59 +91,46 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
             last = step == t.steps or timed_out
             if last or stopping or any(every and step % every == 0 for every in
                                        (t.log_every, t.sample_every, t.ckpt_every, t.eval_every)):
-                _check_finite(bad_step, step, files)  # nothing is logged, drawn or saved from a diverged model
+                _check_finite(bad_step, step, report.last)  # nothing is logged, drawn or saved from a diverged model
 
             # Log: the interval's mean of every number (one host sync for all of them) and the throughput.
             if step % t.log_every == 0 or last:
-                values = meter.means()
-                images_per_s = clock.rate(step, t.batch_size * draws)  # real images consumed per second
-                files.write_metrics({"step": step, **values, "img_per_s": images_per_s, "seconds": clock.training()})
-                shown |= {k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{images_per_s:.0f}"}
-                bar.set_postfix(shown)
-                log.info("step %d/%d  %s  %.0f img/s", step, t.steps,
-                         "  ".join(f"{k} {v:.4g}" for k, v in values.items()), images_per_s)
+                lrs = {f"lr/{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}
+                report.log(step, meter.means(), clock.rate(step, t.batch_size * draws), clock.training(), lrs)
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
                     meter.reset(step)
                     clock.tick(step)
-
-            # Draw the grid of the fixed noise batch.
-            if files.writes and (step % t.sample_every == 0 or last):
-                files.save_samples(model, fixed, nrow, reference, step)
+            if step % t.sample_every == 0 or last:
+                report.grid(grid, step)
 
             # Evaluate (neither training time nor throughput), and keep the best checkpoint.
             if evaluate is not None and (step % t.eval_every == 0 or last):
-                with clock.paused():
-                    model.eval()
+                with clock.paused(), _eval_mode(model):
                     scored = evaluate(model)
-                    model.train()
-                files.write_metrics({"step": step, **{f"eval/{k}": v for k, v in scored.items()},
-                                     "eval/seconds": clock.paused_for})
-                log.info("eval at step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in scored.items()))
-                shown |= {k.split("@")[0]: f"{v:.3g}" for k, v in scored.items() if "_" not in k}
-                bar.set_postfix(shown)
+                report.evaluation(step, scored, clock.paused_for)
                 name, lower = best_by
                 if best is None or (scored[name] < best["value"] if lower else scored[name] > best["value"]):
                     best = {"metric": name, "value": scored[name], "step": step}
-                    save(step, files.checkpoints / "best.pt")
-                    log.info("new best %s %.4g: %s", name, scored[name], files.checkpoints / "best.pt")
+                    save(step, report.checkpoints / "best.pt")
+                    log.info("new best %s %.4g: %s", name, scored[name], report.checkpoints / "best.pt")
 
-            # Checkpoint, and stop where asked to.
+            # Checkpoint (keeping a numbered copy every keep_every steps), and stop where asked to.
             if step % t.ckpt_every == 0 or last:
-                save(step, files.last, files.checkpoints / f"step_{step:07d}.pt" if step % t.ckpt_every == 0 else None)
+                keep = t.get("keep_every", t.ckpt_every)
+                save(step, report.last, report.checkpoints / f"step_{step:07d}.pt" if keep and step % keep == 0 else None)
             if stopping:
-                save(step, files.last, preempted=stop.preempted)
+                save(step, report.last, preempted=stop.preempted)
                 dist.barrier()  # rank 0's checkpoint is on disk before any rank leaves
                 stop.hand_over()  # a preempted job under submitit: its handler requeues the job and exits
                 how = (f"stopped by {signal.Signals(stop.signum).name} (preemption) at step {step}; the job's "
                        f"next start resumes it" if stop.preempted else f"interrupted at step {step}")
-                stop_all(Interrupted(f"{how}; checkpoint written to {files.last}; "
+                stop_all(Interrupted(f"{how}; checkpoint written to {report.last}; "
                                      f"continue with: gentrain resume={run_dir}"))
             if timed_out:
                 log.info("trainer.max_minutes=%g reached at step %d; continue with: gentrain resume=%s "
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
                 break
-    bar.close()
-    log.info("done: %d steps; checkpoint %s, samples in %s", step, files.last, files.samples)
+    report.done(step, clock, best)
 
 
 class Step:
@@ -236,31 +220,92 @@ class Clock:
         self.tick_time += self.paused_for
 
 
-class RunFolder:
-    """The files of a run: metrics.jsonl, reals.png, samples/ and checkpoints/. Only rank 0 writes."""
+class SampleGrid:
+    """One fixed noise batch (and classes: a conditional model's grid has one class per row) for every sample
+    grid, so grids over training show the same latents; toy data's samples are drawn over real points."""
 
-    def __init__(self, run_dir: Path):
-        self.dir, self.writes = run_dir, dist.rank() == 0
+    def __init__(self, model, n: int, seed: int, device: torch.device, reference: torch.Tensor | None):
+        z, y, self.nrow = grid_codes(model, n, torch.Generator().manual_seed(seed))
+        self.codes = (z.to(device),) if y is None else (z.to(device), y.to(device))
+        self.model, self.reference = model, reference
+
+    @torch.no_grad()
+    def save(self, path: Path) -> None:
+        with _eval_mode(self.model):
+            save_grid(self.model.sample(*self.codes), path, self.nrow, self.reference)
+
+
+class Report:
+    """What a run tells, and where: metrics.jsonl, the log, the progress bar, the sample grids, reals.png and
+    checkpoints/ in its folder, and the loggers (TensorBoard, W&B). Only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, t, step: int, loggers=(), images_per_step: int = 0):
+        self.dir, self.writes, self.t, self.loggers = run_dir, dist.rank() == 0, t, list(loggers)
+        self.images_per_step = images_per_step
         self.checkpoints, self.samples = run_dir / "checkpoints", run_dir / "samples"
         self.last, self.metrics = self.checkpoints / "last.pt", run_dir / "metrics.jsonl"
+        self.first, self.final, self.shown = step, {}, {}  # shown: the progress bar's latest numbers
+        self.bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True,
+                        disable=None if self.writes else True)
 
-    def start(self, step: int, logged_at: int, reals) -> None:
+    def start(self, step: int, logged_at: int, reals, grid: SampleGrid) -> None:
+        """The run's folders, with stale temporary files gone; for a new run the real images and a grid at
+        step 0; for a resumed one, metrics.jsonl trimmed to what the checkpoint has seen."""
+        if not self.writes:
+            return
         for folder in (self.dir, files.make_dir(self.checkpoints), files.make_dir(self.samples)):
             for stale in files.remove_stale_temps(folder):  # writes a killed run left unfinished
                 log.info("removed %s, left by a write that was stopped midway", stale)
         if step == 0:
             save_grid(reals(), self.dir / "reals.png")
+            self.grid(grid, 0)
         self._truncate_metrics(logged_at, step)
 
-    @torch.no_grad()
-    def save_samples(self, model, fixed: tuple, nrow: int | None, reference: torch.Tensor | None, step: int) -> None:
-        model.eval()
-        save_grid(model.sample(*fixed), self.samples / f"step_{step:07d}.png", nrow, reference)
-        model.train()
+    def log(self, step: int, values: dict, images_per_s: float, seconds: float, extra: dict) -> None:
+        record = {"step": step, **values, "img_per_s": images_per_s, "seconds": seconds}
+        self.write(record, extra)
+        self.final |= values
+        self.shown |= {k: f"{v:.3g}" for k, v in values.items()} | {"img/s": f"{images_per_s:.0f}"}
+        self.bar.set_postfix(self.shown)
+        log.info("step %d/%d  %s  %.0f img/s", step, self.t.steps,
+                 "  ".join(f"{k} {v:.4g}" for k, v in values.items()), images_per_s)
 
-    def write_metrics(self, record: dict) -> None:
+    def evaluation(self, step: int, scored: dict, took: float) -> None:
+        self.write({"step": step, **{f"eval/{k}": v for k, v in scored.items()}, "eval/seconds": took})
+        log.info("eval at step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in scored.items()))
+        self.shown |= {k.split("@")[0]: f"{v:.3g}" for k, v in scored.items() if "_" not in k}
+        self.bar.set_postfix(self.shown)
+
+    def grid(self, grid: SampleGrid, step: int) -> None:
+        if self.writes:
+            path = self.samples / f"step_{step:07d}.png"
+            grid.save(path)
+            for logger in self.loggers:
+                logger.image(step, path)
+
+    def write(self, record: dict, extra: dict | None = None) -> None:
         if self.writes:
             files.append_line(self.metrics, json.dumps(record))
+            numbers = {k: v for k, v in record.items() if k != "step"} | (extra or {})
+            for logger in self.loggers:
+                logger.scalars(record["step"], numbers)
+
+    def done(self, step: int, clock: "Clock", best: dict | None) -> None:
+        """The run's summary: steps, training time and mean throughput, the last grid, the checkpoint, the
+        best evaluation; the loggers close with the final numbers."""
+        self.bar.close()
+        if not self.writes:
+            return
+        grids = sorted(self.samples.glob("step_*.png"))
+        took = clock.training() - clock.before
+        per_s = (step - self.first) * self.images_per_step / took if took > 0 else 0.0
+        best_text = f"; best {best['metric']} {best['value']:.4g} at step {best['step']} ({self.checkpoints / 'best.pt'})" \
+            if best else ""
+        log.info("done: %d steps, %s of training (%s steps this run, %.0f img/s on average); last grid %s; "
+                 "checkpoint %s%s", step, _duration(clock.training()), step - self.first, per_s,
+                 grids[-1] if grids else "-", self.last, best_text)
+        for logger in self.loggers:
+            logger.close(self.final | ({f"best_{best['metric']}": best["value"]} if best else {}))
 
     def _truncate_metrics(self, logged_at: int, step: int) -> None:
         """A resumed run logs again from the checkpoint's last full log interval, and evaluates again after
@@ -279,6 +324,20 @@ class RunFolder:
             files.write_text(self.metrics, "".join(kept))
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60} h {m % 60} min" if m >= 60 else f"{m} min {s} s" if m else f"{s} s"
+
+
 def read_record(line: str) -> dict | None:
     """A metrics.jsonl line as its record, or None where it is not one (blank, cut short, garbage)."""
     try:
@@ -288,22 +347,16 @@ def read_record(line: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
-def _fixed_noise(model, n: int, seed: int, device: torch.device) -> tuple[tuple, int | None]:
-    """The sample grids' noise (and classes: a conditional model's grid has one class per row), and row length."""
-    z, y, nrow = grid_codes(model, n, torch.Generator().manual_seed(seed))
-    return ((z.to(device),) if y is None else (z.to(device), y.to(device))), nrow
-
-
 def _where(device: torch.device, batch_size: int) -> str:
     if dist.world_size() > 1:
         return f"{dist.world_size()} processes ({device.type}, global batch {batch_size})"
     return str(device)
 
 
-def _check_finite(bad_step: torch.Tensor, done: int, files: RunFolder) -> None:
+def _check_finite(bad_step: torch.Tensor, done: int, last: Path) -> None:
     bad = int(dist.maximum(bad_step))  # every rank sees the same answer
     if bad >= 0:
-        kept = f"last good checkpoint: {files.last}" if files.last.exists() else "no checkpoint was written"
+        kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
         stop_all(GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
                                f"({kept}); lower optim.lr or use trainer.precision=fp32"))
 

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import checkpoint, data, dist, fast, files, loop, models
+from gentrain import checkpoint, data, dist, fast, files, loggers, loop, models
 from gentrain.config import GROUPS, check_train, config_dir
 from gentrain.device import pick_device, pick_precision, use_fast_kernels
 from gentrain.errors import GentrainError, quote, reported
@@ -236,10 +236,12 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
                            d.get("hflip", False), d.get("workers", 4), channels_last=channels_last)
 
+    config = OmegaConf.to_container(cfg, resolve=True)
+    report_to = loggers.build(t.loggers, run_dir, config, ckpt.step if ckpt else 0, t.wandb_project) if main_rank else []
     size = f"{len(train_data)} points" if facts.points else \
         f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
     loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp,
-               meta=checkpoint.meta(OmegaConf.to_container(cfg, resolve=True), facts, choices(ckpt), branched_from),
+               meta=checkpoint.meta(config, facts, choices(ckpt), branched_from), loggers=report_to,
                seed=cfg.seed,
                what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
                evaluate=evaluate, best_by=best_by, reference=train_data.images[:t.n_samples] if facts.points else None)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from gentrain import checkpoint, data
 from gentrain.data import ImageData
@@ -88,16 +89,26 @@ def train(train_data: ImageData, test_data: ImageData, device: torch.device, epo
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch)
     model.train()
-    for _ in range(epochs):
+    bar = tqdm(total=epochs * per_epoch, desc="training the classifier", unit="step", leave=False, disable=None)
+    for epoch in range(epochs):
         order = torch.randperm(len(images), generator=g)[:per_epoch * batch_size].to(device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for idx in order.view(per_epoch, batch_size):
             shift = torch.randint(-1, 2, (2,), generator=g).tolist()
             x = torch.roll(to_signed(images[idx]), shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(model(x)[1], labels[idx])
+            logits = model(x)[1]
+            loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
+            correct += (logits.argmax(1) == labels[idx]).sum()
+            bar.update(1)
+        train_accuracy = correct.item() / (per_epoch * batch_size)
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", train_accuracy=f"{100 * train_accuracy:.2f}%")
+        log.info("classifier epoch %d/%d: training accuracy %.2f%% (with dropout, over the epoch)", epoch + 1,
+                 epochs, 100 * train_accuracy)
+    bar.close()
     return model, accuracy(model, test_data, device)
 
 

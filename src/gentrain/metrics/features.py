@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from gentrain import checkpoint, data
 from gentrain.errors import GentrainError
@@ -41,7 +42,7 @@ class FeatureSpace:
 def _batched(fn, images: torch.Tensor, device: torch.device, batch_size: int):
     feats, logits = [], []
     with torch.no_grad():
-        for chunk in images.split(batch_size):
+        for chunk in tqdm(images.split(batch_size), desc="features", unit="batch", leave=False, disable=None):
             f, l = fn(chunk.to(device))
             feats.append(f.float().cpu())
             logits.append(None if l is None else l.float().cpu())

@@ -119,8 +119,12 @@ def grid_codes(model: Family, n: int, generator: torch.Generator | None = None, 
 @torch.no_grad()
 def generate(model: Family, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | None = None) -> torch.Tensor:
     """model.sample over the codes z (and class labels y), batch_size at a time on `device`; images in
-    [-1, 1] (or points) on the CPU."""
-    if y is None:
-        return torch.cat([model.sample(zb.to(device)).cpu() for zb in z.split(batch_size)])
-    return torch.cat([model.sample(zb.to(device), yb.to(device)).cpu()
-                      for zb, yb in zip(z.split(batch_size), y.split(batch_size))])
+    [-1, 1] (or points) on the CPU. A progress bar where there is a terminal and more than one batch."""
+    from tqdm import tqdm
+
+    zs = z.split(batch_size)
+    ys = y.split(batch_size) if y is not None else [None] * len(zs)
+    batches = tqdm(zip(zs, ys), total=len(zs), desc="sampling", unit="batch", leave=False,
+                   disable=None if len(zs) > 1 else True)
+    return torch.cat([(model.sample(zb.to(device)) if yb is None else model.sample(zb.to(device), yb.to(device))).cpu()
+                      for zb, yb in batches])
