@@ -188,3 +188,19 @@ def test_bad_data_path_settings_are_one_line_errors(gentrain):
     assert_one_line_error(gentrain("dataset.on_device=maybe", check=False), "dataset.on_device must be one of auto|true|false")
     assert_one_line_error(gentrain("dataset=folder", "dataset.root=.", "dataset.workers=-1", check=False),
                           "dataset.workers must be an integer from 0 to 256")
+
+
+def test_a_huge_image_decodes_without_pils_warning(tmp_path):
+    """A 90-megapixel image is over PIL's decompression-bomb warning threshold (89.5 MP) and under its
+    refusal (twice that): it decodes like any other, and no warning reaches the terminal."""
+    import warnings
+
+    from PIL import Image
+
+    from gentrain.data import decode_file
+
+    Image.new("L", (9000, 10000), 128).save(tmp_path / "huge.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = decode_file(tmp_path / "huge.png", 1, "white", 28)
+    assert x.shape == (1, 28, 28) and (x == 128).all()

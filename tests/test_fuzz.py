@@ -154,6 +154,9 @@ CASES = [
     (["decode", "input={root}/bad/codes_other_family.pt", "out={root}/dec/", "ckpt={root}/vae"], "codes"),
     (["decode", "input={root}/gan/checkpoints/last.pt", "out={root}/dec/"], "is a checkpoint, not a codes file"),
     (["decode", "input={root}/codes.pt", "out={root}/a_file"], "is a file"),
+    (["decode", "input={root}/codes.pt", "out={root}/a_file/dec/"], "a_file is a file"),
+    (["eval", "ckpt={root}/gan", "metrics=[fid]", "out={root}/gan"], "it is a folder"),
+    (["eval", "{root}/bad/truncated.pt"], "truncated or corrupt"),
     # classifier
     (["classifier", "epochs=0"], "epochs must be an integer from 1"), (["classifier", "lr=-1"], "lr must be a positive"),
     (["classifier", "dataset=imagenet"], "dataset=imagenet is not an option"),

@@ -34,7 +34,7 @@ def test_grid_from_checkpoint_alone(gentrain, runs, tmp_path, family):
     # run from an unrelated folder, with no config and no data root: the checkpoint is enough
     proc = gentrain("sample", f"ckpt={runs / family / 'checkpoints' / 'last.pt'}", "n=16", f"out={out}",
                     env={"GENTRAIN_DATA": "/nonexistent"})
-    assert str(out) in proc.stdout
+    assert str(out) in proc.stdout and "wrote a grid of 16 images" in proc.stdout
     size, _ = png(out)
     assert size == (2 + 4 * 30, 2 + 4 * 30)  # 4x4 tiles of 28 px with torchvision's 2 px padding
 

@@ -272,6 +272,8 @@ def test_bare_paths_and_folders_without_an_extension(gentrain, tmp_path):
     gentrain("sample", run, "n=4", f"out={tmp_path / 'fakes2'}")  # a bare run folder; out= without an extension
     assert sorted(p.name for p in (tmp_path / "fakes2").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert_one_line_error(gentrain("sample", run, "n=4", f"out={tmp_path / 'x.txt'}", check=False), "not an image type")
+    gentrain("eval", run, "n=20", "metrics=[fid]", f"metrics.cache_dir={tmp_path / 'cache'}")  # eval RUN_DIR too
+    assert (run / "checkpoints" / "eval.json").is_file()
 
 
 def test_a_failed_download_leaves_no_folders(gentrain, tmp_path):
