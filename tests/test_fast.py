@@ -110,7 +110,7 @@ def test_a_step_reads_nothing_back_from_the_gpu():
                 {"family": "vae", "ch": 16, "kl_warmup_steps": 10, "binarize": True},
                 {"family": "vqvae", "ch": 16, "prior_ch": 16}):
         model = build(cfg, 1, 28).to(device)
-        optimizers = {p: torch.optim.Adam(model.phase_parameters(p), fused=True) for p in model.phases}
+        optimizers = {o: torch.optim.Adam(model.phase_parameters(o), fused=True) for o in model.optimizers}
         batches(0)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -119,12 +119,11 @@ def test_a_step_reads_nothing_back_from_the_gpu():
                 for phase in model.phases:
                     x, y = batches(step)
                     with torch.autocast("cuda", dtype=torch.bfloat16):
-                        loss, stats = model.loss(phase, x, y, step)
-                    optimizers[phase].zero_grad(set_to_none=True)
+                        loss, stats = model.loss(phase.name, x, y, step)
+                    optimizers[phase.opt].zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizers[phase].step()
-                    if hasattr(model, "after_step"):
-                        model.after_step(phase, step)
+                    optimizers[phase.opt].step()
+                    model.after_step(phase.name, step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

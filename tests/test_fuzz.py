@@ -91,7 +91,7 @@ CASES = [
     (["model.ch=100000000"], "too large to build here"),
     (["model=vae", "model.beta=-1"], "model.beta >= 0"), (["model=vae", "model.k=0"], "model.k"),
     (["model=vqvae", "model.num_codes=1"], "model.num_codes"),
-    (["dataset.image_size=100"], "dataset.image_size must be one of 28, 32, 64"),
+    (["dataset.image_size=100"], "dataset.image_size must be one of 16, 28, 32, 64, 128, 256, 512"),
     (["dataset.workers=-1"], "dataset.workers"), (["dataset.hflip=maybe"], "dataset.hflip must be true or false"),
     (["dataset.on_device=maybe"], "dataset.on_device must be one of"), (["dataset=folder"], "dataset.root has no value"),
     (["rollback=maybe"], "rollback must be true or false"), (["model=foo"], "model=foo is not an option"),

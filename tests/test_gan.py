@@ -128,7 +128,7 @@ def test_conditional_models_follow_their_labels(arch):
     scores = model.D(x, torch.tensor([1, 2, 3, 4]))
     assert scores.shape == (4, 1) and not torch.allclose(scores, model.D(x, torch.tensor([5, 6, 7, 8])))
     for phase in model.phases:
-        loss, _ = model.loss(phase, x, torch.tensor([0, 1, 2, 3]))
+        loss, _ = model.loss(phase.name, x, torch.tensor([0, 1, 2, 3]))
         assert torch.isfinite(loss)
 
 

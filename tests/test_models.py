@@ -25,7 +25,7 @@ def test_gan_shapes(size, channels):
     assert x.min() >= -1 and x.max() <= 1
     assert model.D(x).shape == (5, 1)
     for phase in model.phases:
-        loss, stats = model.loss(phase, x)
+        loss, stats = model.loss(phase.name, x)
         assert loss.shape == () and torch.isfinite(loss)
         assert all(v.shape == () for v in stats.values())
 
@@ -46,7 +46,7 @@ def test_vae_shapes(size, channels, likelihood, sigma):
 
 
 def test_unsupported_size_and_unknown_options_are_user_errors():
-    with pytest.raises(GentrainError, match="dataset.image_size must be one of 28, 32, 64, got 48"):
+    with pytest.raises(GentrainError, match="dataset.image_size must be one of 16, 28, 32, 64, 128, 256, 512, got 48"):
         build({"family": "gan"}, 1, 48)
     with pytest.raises(GentrainError, match="model.family='flow'"):
         build({"family": "flow"}, 1, 28)

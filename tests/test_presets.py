@@ -11,13 +11,14 @@ from test_config import options
 
 PRESETS = options("experiment")
 TOY = [p for p in PRESETS if p.startswith("toy")]
+FOLDER = [p for p in PRESETS if p.startswith("folder")]  # trained on an image folder in test_sizes.py
 
 
 def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in TOY])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in TOY + FOLDER])
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_every_image_preset_trains_two_steps_on_mnist_and_fashion(gentrain, tmp_path, preset, dataset):
     run = tmp_path / "run"

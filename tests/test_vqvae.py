@@ -145,7 +145,7 @@ def test_vqvae_shapes(size, channels):
         assert model.eval().sample(z).shape == (2, channels, size, size)
     model.train()
     for phase in model.phases:
-        loss, stats = model.loss(phase, x)
+        loss, stats = model.loss(phase.name, x)
         assert torch.isfinite(loss) and all(v.shape == () for v in stats.values())
     assert set(model.loss("vqvae", x)[1]) == {"vqvae/loss", "vqvae/recon", "vqvae/commit", "vqvae/perplexity",
                                               "vqvae/usage"}

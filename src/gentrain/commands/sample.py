@@ -58,8 +58,10 @@ def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> t
                           for a, b in zip(x[:rows].split(cfg.batch_size), x[rows:].split(cfg.batch_size))]), STEPS
     if cfg.mode == "interpolate":
         rows = max(1, cfg.n // STEPS)
-        a, b = model.noise(rows, generator=g)[:, None], model.noise(rows, generator=g)[:, None]
-        z = slerp(a, b, torch.linspace(0, 1, STEPS)[None, :, None]).reshape(rows * STEPS, -1)
+        a, b = model.noise(rows, generator=g), model.noise(rows, generator=g)
+        shape = a.shape[1:]  # a vector, or a VAE's latent grid: interpolated as one flat vector
+        z = slerp(a.flatten(1)[:, None], b.flatten(1)[:, None], torch.linspace(0, 1, STEPS)[None, :, None])
+        z = z.reshape(rows * STEPS, *shape)
         y = None
         if model.num_classes:  # one class along each row
             y = torch.full((rows,), label) if label is not None else torch.arange(rows) % model.num_classes

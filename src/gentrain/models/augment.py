@@ -72,7 +72,14 @@ def parse(policy) -> list:
     return [POLICIES[p] for p in names]
 
 
-def diff_augment(x: torch.Tensor, transforms: list) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, transforms: list, p: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The transforms in turn. With a probability p (a number, or a device tensor that adaptive augmentation
+    moves), each example takes each transform with probability p (ADA's per-transform probability,
+    Karras et al. 2020, Sec. 2.3); None applies every transform to every example."""
     for t in transforms:
-        x = t(x)
+        if p is None:
+            x = t(x)
+        else:
+            keep = per_example(lambda m: torch.rand(m, 1, 1, 1, device=x.device), len(x)) < p
+            x = torch.where(keep, t(x), x)
     return x

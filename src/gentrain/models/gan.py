@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gentrain import dist
 from gentrain.checks import positive
 from gentrain.data import DataFacts
 from gentrain.dist import per_example
@@ -20,11 +21,12 @@ from gentrain.models import augment as diffaug
 from gentrain.models import losses
 from gentrain.models.family import EMA as EMA_CAPABILITY
 from gentrain.models.family import Phase
+from gentrain.models.lightweight import LightweightD, LightweightG
 from gentrain.models.losses import Regulariser
 from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init, plan
 from gentrain.models.resnet import ResNetD, ResNetG
 
-ARCHS = ("dcgan", "resnet", "mlp")
+ARCHS = ("dcgan", "resnet", "lightweight", "mlp")
 
 
 class Projection(nn.Module):
@@ -82,13 +84,26 @@ class GAN(nn.Module):
     def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns",
                  arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,
                  gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, ema: float = 0.0,
-                 augment: list | str = (), conditional: bool = False, num_classes: int = 0):
+                 augment: list | str = (), augment_p: float | str = 1.0, ada_target: float = 0.6,
+                 ada_interval: int = 4, ada_kimg: float = 500, conditional: bool = False, num_classes: int = 0):
         super().__init__()
         arch = resolve_arch(arch, image_size)
-        self.z_dim, self.points = z_dim, arch == "mlp"
+        self.z_dim, self.points, self.reconstructs = z_dim, arch == "mlp", arch == "lightweight"
         self.loss_fn = losses.LOSSES[loss]
         self.num_classes = num_classes if conditional else 0
         self.augment = diffaug.parse(augment)
+        # The probability each DiffAugment transform is applied with: 1 (always), a fixed number, or `auto`,
+        # adaptive augmentation (Karras et al. 2020, ADA, Sec. 3): p starts at 0 and follows the
+        # overfitting heuristic r_t = E[sign(D(x_real))], up when r_t is above ada_target, down below it,
+        # every ada_interval steps, by as much as lets it cross [0, 1] in ada_kimg thousand images.
+        # p and its running sums are buffers: they are in every checkpoint, so a resume continues them.
+        self.adaptive = augment_p == "auto"
+        self.ada = (ada_target, ada_interval, ada_kimg)
+        if self.adaptive:
+            for name in ("augment_p", "ada_signs", "ada_logits", "ada_images"):
+                self.register_buffer(name, torch.zeros(()))
+        else:
+            self.fixed_p = None if augment_p == 1 else float(augment_p)
         # D's regularisers: the gradient penalty belongs to wgan_gp and clipping to wgan, as in the papers;
         # R1 (weight gamma / 2) goes with any loss.
         self.regularisers = [*([Regulariser("gp", gp)] if loss == "wgan_gp" else []),
@@ -112,6 +127,10 @@ class GAN(nn.Module):
                 self.D = Projection(body, body.features, self.num_classes)
             else:
                 self.D = Encoder(channels, image_size, ch, 1, norm=d_norm == "batch")
+            dcgan_init(self)
+        elif arch == "lightweight":  # FastGAN (Liu et al. 2021): its D keeps its batch norm, as the paper's
+            self.G = LightweightG(z_dim, channels, image_size, ch)
+            self.D = LightweightD(channels, image_size, ch)
             dcgan_init(self)
         elif arch == "resnet":
             # SNGAN's CIFAR-10 widths are 256 in G and 128 in D: ch=128 gives those.
@@ -154,8 +173,17 @@ class GAN(nn.Module):
                                 f"which need model.arch=mlp (or auto)")
         if not facts.points:
             plan(facts.image_size)
-        for key in ("z_dim", "ch", "depth", "d_steps", "r1_every"):
+        for key in ("z_dim", "ch", "depth", "d_steps", "r1_every", "ada_interval"):
             positive(f"model.{key}", s[key])
+        positive("model.ada_kimg", s["ada_kimg"], integer=False)
+        if arch == "lightweight" and (facts.image_size & (facts.image_size - 1) or s["conditional"]):
+            raise GentrainError("model.arch=lightweight (FastGAN) needs an unconditional model and a power-of-two "
+                                f"image side, 128 to 512 px in the paper; got dataset.image_size={facts.image_size}"
+                                f"{' and model.conditional=true' if s['conditional'] else ''}")
+        p = s["augment_p"]
+        if not (p == "auto" or (not isinstance(p, str) and 0 <= p <= 1)) or not 0 < s["ada_target"] < 1:
+            raise GentrainError(f"model.augment_p must be a probability in [0, 1] or auto, and model.ada_target in "
+                                f"(0, 1); got augment_p={p!r}, ada_target={s['ada_target']}")
         if s["d_norm"] not in ("auto", "batch", "none"):
             raise GentrainError(f"model.d_norm must be auto, batch or none, got {s['d_norm']!r}")
         gp, r1, clip, ema = s["gp"], s["r1"], s["clip"], s["ema"]
@@ -168,6 +196,9 @@ class GAN(nn.Module):
             raise GentrainError(f"model.augment: {e}") from None
         if augment and facts.points:
             raise GentrainError("model.augment (DiffAugment) transforms images; use it with model.arch=dcgan|resnet")
+        if p != 1 and not augment:
+            raise GentrainError(f"model.augment_p={p} sets how often the DiffAugment transforms apply, and "
+                                f"model.augment lists none; add them, e.g. model.augment=[color,translation,cutout]")
         if s["conditional"] and not facts.num_classes:
             raise GentrainError("model.conditional=true needs a labelled dataset (one with classes); this one has none")
 
@@ -193,7 +224,8 @@ class GAN(nn.Module):
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
         cond = self._cond(y)
-        aug = lambda images: diffaug.diff_augment(images, self.augment)
+        p = self.augment_p if self.adaptive else self.fixed_p
+        aug = lambda images: diffaug.diff_augment(images, self.augment, p)
         # The penalties differentiate D's input gradient, a second backward that compiled networks
         # (trainer.compile) do not support: they run D's plain forward.
         if phase == "Dreg":
@@ -210,7 +242,13 @@ class GAN(nn.Module):
             with torch.no_grad():
                 fake = self._generate(self.G, z, y)
             real_in, fake_in = aug(x), aug(fake)
-            real, fake_out = self.D(real_in, *cond).float(), self.D(fake_in, *cond).float()
+            recons = None
+            if self.reconstructs:  # FastGAN's D also reconstructs the real images from its own features
+                real, recons = self.D(real_in, reconstruct=True)
+                real = real.float()
+            else:
+                real = self.D(real_in, *cond).float()
+            fake_out = self.D(fake_in, *cond).float()
             loss = self.loss_fn.d(real, fake_out)
             if self.loss_fn.logits:  # D(x) and D(G(z)) as probabilities: is D winning?
                 stats = {"D(x)": torch.sigmoid(real).mean(), "D(G(z))": torch.sigmoid(fake_out).mean()}
@@ -221,7 +259,15 @@ class GAN(nn.Module):
                     term = reg.penalty(self.D.forward, real_in, fake_in, *cond)
                     loss = loss + reg.weight * term
                     stats[f"D/{reg.name}"] = term
+            if recons is not None:  # L_recons, weight 1 as in the paper
+                loss = loss + recons
+                stats["D/recons"] = recons
+            if self.adaptive:
+                self._observe(real.detach())
+                stats["D/augment_p"] = self.augment_p
             return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
+        if phase != "G":
+            raise ValueError(f"the GAN has no phase {phase!r}")
         fake = self.D(aug(self._generate(self.G, z, y)), *cond).float()
         real = None
         if self.loss_fn.g_reads_real:  # a relativistic loss compares with D's scores of real images
@@ -231,12 +277,38 @@ class GAN(nn.Module):
         return loss, {"G/loss": loss.detach()}
 
     @torch.no_grad()
+    def _observe(self, real: torch.Tensor) -> None:
+        """ADA's overfitting heuristic, summed on the device: the signs of D's outputs on real images."""
+        self.ada_signs += real.sign().sum()
+        self.ada_logits += real.numel()
+        self.ada_images += len(real)
+
+    @torch.no_grad()
+    def _adapt(self, step) -> None:
+        """Every ada_interval steps: r_t = E[sign(D(x_real))] over the interval (summed over ranks), and
+        p <- clamp(p + sign(r_t - target) * images / (ada_kimg * 1000), 0, 1) (Karras et al. 2020, Sec. 3).
+        Device tensors throughout, so it costs no host sync and a captured step can hold it."""
+        target, interval, kimg = self.ada
+        if isinstance(step, int) and (step + 1) % interval:
+            return
+        sums = dist.total(torch.stack([self.ada_signs, self.ada_logits, self.ada_images]))
+        rt = sums[0] / sums[1].clamp(min=1)
+        new_p = (self.augment_p + torch.sign(rt - target) * sums[2] / (kimg * 1000)).clamp(0, 1)
+        now = (torch.as_tensor(step, device=new_p.device) + 1) % interval == 0
+        self.augment_p.copy_(torch.where(now, new_p, self.augment_p))
+        for acc in (self.ada_signs, self.ada_logits, self.ada_images):
+            acc.copy_(torch.where(now, torch.zeros_like(acc), acc))
+
+    @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
-        """After an optimizer step: D's constraints (WGAN's weight clipping), and the EMA update of G."""
+        """After an optimizer step: D's constraints (WGAN's weight clipping), adaptive augmentation's update of
+        its probability, and the EMA update of G."""
         if phase == "D":
             for reg in self.regularisers:
                 if reg.constraint:
                     reg.apply(self.D)
+            if self.adaptive:
+                self._adapt(step)
         if phase == "G" and self.G_ema is not None:
             self.G_ema.update(self.G)
 

@@ -1,23 +1,33 @@
-"""DCGAN-style convolutional stacks (Radford et al. 2016) shared by the GAN and the VAE.
+"""DCGAN-style convolutional stacks (Radford et al. 2016) shared by the GAN and the VAE, and the rule that
+sizes every architecture here.
 
-A 28 px image is built from a 7x7 seed, 32 and 64 px images from a 4x4 seed; each stride-2
-layer doubles the side. Widths halve on the way up to the image and double on the way down,
-so `ch` is the width of the layer next to the pixels.
+The rule: an image is grown from a 4x4 seed (7x7 for MNIST's own 28 px) by stride-2 layers that each double
+the side, so a power of two from 16 to 512 px takes log2(size) - 2 of them. Widths halve on the way up
+to the image and double on the way down, up to 8 x `ch`, so `ch` is the width of the layer next to the
+pixels and the widest layer is never more than 8 x `ch` at any size.
 """
+
+import math
 
 import torch
 from torch import nn
 
 from gentrain.errors import GentrainError
 
-# image size -> (side of the smallest feature map, number of stride-2 layers)
-PLANS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
+SIZES = (16, 28, 32, 64, 128, 256, 512)  # the image sides the rule covers
+MAX_WIDTH = 8  # x ch
 
 
 def plan(image_size: int) -> tuple[int, int]:
-    if image_size not in PLANS:
-        raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, PLANS))}, got {image_size!r}")
-    return PLANS[image_size]
+    """(side of the smallest feature map, number of stride-2 layers) of an image side."""
+    if image_size not in SIZES:
+        raise GentrainError(f"dataset.image_size must be one of {', '.join(map(str, SIZES))}, got {image_size!r}")
+    return (7, 2) if image_size == 28 else (4, int(math.log2(image_size)) - 2)
+
+
+def widths(ch: int, n: int) -> list[int]:
+    """The widths of n stride-2 levels, from the one next to the image outwards: ch, 2ch, 4ch, ... up to 8ch."""
+    return [ch * min(2 ** k, MAX_WIDTH) for k in range(n)]
 
 
 class Decoder(nn.Module):
@@ -29,7 +39,7 @@ class Decoder(nn.Module):
     def __init__(self, z_dim: int, channels: int, image_size: int, ch: int, norm: bool = True, num_classes: int = 0):
         super().__init__()
         base, n_up = plan(image_size)
-        width = ch * 2 ** (n_up - 1)
+        up = widths(ch, n_up)[::-1]  # from the seed towards the image
         Norm = nn.BatchNorm2d if norm else (lambda c: nn.Identity())
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
         if self.embed is not None:
@@ -37,11 +47,10 @@ class Decoder(nn.Module):
             # label can stand in for it: with N(0, 1) codes G ignored z on MNIST (recall 0 at 1,500 steps).
             nn.init.normal_(self.embed.weight, 0.0, 0.1)
         z_in = 2 * z_dim if num_classes else z_dim
-        layers = [nn.ConvTranspose2d(z_in, width, base, 1, 0, bias=not norm), Norm(width), nn.ReLU(True)]
-        for _ in range(n_up - 1):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=not norm), Norm(width // 2), nn.ReLU(True)]
-            width //= 2
-        layers.append(nn.ConvTranspose2d(width, channels, 4, 2, 1))
+        layers = [nn.ConvTranspose2d(z_in, up[0], base, 1, 0, bias=not norm), Norm(up[0]), nn.ReLU(True)]
+        for w_in, w_out in zip(up, up[1:]):
+            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=not norm), Norm(w_out), nn.ReLU(True)]
+        layers.append(nn.ConvTranspose2d(up[-1], channels, 4, 2, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,11 +67,11 @@ class Encoder(nn.Module):
         super().__init__()
         base, n_down = plan(image_size)
         Norm = nn.BatchNorm2d if norm else (lambda c: nn.Identity())
+        down = widths(ch, n_down)
         layers = [nn.Conv2d(channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        width = ch
-        for _ in range(n_down - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=not norm), Norm(width * 2), nn.LeakyReLU(0.2, True)]
-            width *= 2
+        for w_in, w_out in zip(down, down[1:]):
+            layers += [nn.Conv2d(w_in, w_out, 4, 2, 1, bias=not norm), Norm(w_out), nn.LeakyReLU(0.2, True)]
+        width = down[-1]
         # A base x base "valid" convolution reads the whole final feature map, as DCGAN's last D layer.
         if out_dim:
             layers.append(nn.Conv2d(width, out_dim, base, 1, 0))

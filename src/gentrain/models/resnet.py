@@ -154,8 +154,9 @@ class ResDecoder(nn.Module):
         self.out = nn.Conv2d(width, out, 3, 1, 1)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(y)], 1)
+        if self.embed is not None:  # beside every cell of a grid
+            e = self.embed(y)
+            z = torch.cat([z, e if z.ndim == 2 else e[:, :, None, None].expand(-1, -1, *z.shape[2:])], 1)
         if z.ndim == 2:
             z = z[:, :, None, None]
         return self.out(F.relu(self.blocks(self.stem(z))))

@@ -20,6 +20,7 @@ from gentrain.models.resnet import ResDecoder, ResEncoder
 
 LOG_2PI = math.log(2 * math.pi)
 ARCHS = ("conv", "resnet")
+GRID_ABOVE, GRID_DOWN = 64, 4  # arch=resnet above 64 px: a latent grid at 1/2^4 of the image side
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,7 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) per image: the sum over latent dimensions."""
-    return kl_per_dim(mu, logvar).sum(1)
+    return kl_per_dim(mu, logvar).flatten(1).sum(1)
 
 
 class VAE(nn.Module):
@@ -53,11 +54,19 @@ class VAE(nn.Module):
         if arch == "conv":  # the DCGAN stacks without batch norm; checkpoints from before `arch` are these
             self.encoder = Encoder(channels + self.num_classes, image_size, ch, 2 * z_dim, norm=False)
             self.decoder = Decoder(z_dim, out, image_size, ch, norm=False, num_classes=self.num_classes)
-        else:  # residual blocks at every resolution, width ch throughout, no norm (resnet.py)
+        elif image_size <= GRID_ABOVE:  # residual blocks at every resolution, width ch throughout, no norm
             base, n = plan(image_size)
             self.encoder = nn.Sequential(ResEncoder(channels + self.num_classes, ch, 2 * z_dim, n, head=base),
                                          nn.Flatten())
             self.decoder = ResDecoder(z_dim, ch, out, n, stem=base, num_classes=self.num_classes)
+        else:
+            # Above 64 px one vector cannot hold an image: the latent is a grid of z_dim-vectors at 1/16 of the
+            # image side (8x8 at 128 px, 16x16 at 256), each with its own N(0, I) prior, as in the VQ-VAE and
+            # the latent grids of hierarchical VAEs (Vahdat & Kautz 2020, NVAE).
+            self.encoder = ResEncoder(channels + self.num_classes, ch, 2 * z_dim, GRID_DOWN, head=1)
+            self.decoder = ResDecoder(z_dim, ch, out, GRID_DOWN, num_classes=self.num_classes)
+        side = image_size // 2 ** GRID_DOWN
+        self.latent_shape = (z_dim,) if arch == "conv" or image_size <= GRID_ABOVE else (z_dim, side, side)
 
     @classmethod
     def check(cls, s, facts: DataFacts) -> None:
@@ -94,7 +103,7 @@ class VAE(nn.Module):
         pass
 
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        return torch.randn(n, self.z_dim, generator=generator, device=device)
+        return torch.randn(n, *self.latent_shape, generator=generator, device=device)
 
     def _cond(self, y):
         return (y,) if self.num_classes else ()
@@ -139,7 +148,7 @@ class VAE(nn.Module):
 
     @property
     def code_shape(self) -> list[int]:
-        return [self.z_dim]
+        return list(self.latent_shape)
 
     def encode_codes(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x, y)
@@ -149,17 +158,18 @@ class VAE(nn.Module):
         return self.decode(codes.float(), y)
 
     def describe_codes(self, dtype: torch.dtype, rate_bits: float, stored_bits: int) -> str:
-        return (f"codes: the posterior means of {self.z_dim} latent dimensions, stored as {str(dtype).split('.')[-1]}\n"
+        return (f"codes: the posterior means of {math.prod(self.latent_shape)} latent dimensions, stored as "
+                f"{str(dtype).split('.')[-1]}\n"
                 f"bits per image: {rate_bits:.1f} rate, KL(q(z|x) || p(z)) (Alemi et al. 2018: what a code drawn "
                 f"from q(z|x) costs with bits-back coding; the means stored here are raw floats); "
                 f"{stored_bits} as stored")
 
     def _log_w(self, x, y, mu, std, eps):
-        """log w = log p(x|z) + log p(z) - log q(z|x) at z = mu + std * eps, for eps of shape (N, k, z_dim)."""
+        """log w = log p(x|z) + log p(z) - log q(z|x) at z = mu + std * eps, for eps of shape (N, k, *latent)."""
         n, k = eps.shape[:2]
         z = mu[:, None] + std[:, None] * eps
-        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).sum(-1)
-        log_qz = (-0.5 * eps.pow(2) - 0.5 * LOG_2PI - std.log()[:, None]).sum(-1)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * LOG_2PI).flatten(2).sum(-1)
+        log_qz = (-0.5 * eps.pow(2) - 0.5 * LOG_2PI - std.log()[:, None]).flatten(2).sum(-1)
         each = lambda t: None if t is None else t[:, None].expand(-1, k, *t.shape[1:]).flatten(0, 1)
         return self.log_px(z.flatten(0, 1), each(x), each(y)).view(n, k) + log_pz - log_qz
 
@@ -174,7 +184,7 @@ class VAE(nn.Module):
         out = []
         for start in range(0, k, chunk):
             kc = min(chunk, k - start)
-            eps = per_example(lambda m: torch.randn(m, kc, self.z_dim, device=x.device), len(x))
+            eps = per_example(lambda m: torch.randn(m, kc, *self.latent_shape, device=x.device), len(x))
             out.append(self._log_w(x, y, mu, std, eps))
         return torch.cat(out, 1)
 
@@ -197,7 +207,7 @@ class VAE(nn.Module):
         if self.k > 1:
             # The IWAE bound (Burda et al. 2016, Eq. 8), trained through its k reparameterised samples:
             #     L_k = E[log (1/k) sum_i p(x, z_i) / q(z_i|x)] >= ELBO
-            eps = per_example(lambda m: torch.randn(m, self.k, self.z_dim, device=x.device), len(x))
+            eps = per_example(lambda m: torch.randn(m, self.k, *self.latent_shape, device=x.device), len(x))
             log_w = self._log_w(x, y, mu, std, eps)
             loss = -(log_w.logsumexp(1) - math.log(self.k)).mean()
             return loss, {"vae/loss": loss.detach(), "vae/nelbo": -log_w.mean().detach(),
@@ -208,7 +218,7 @@ class VAE(nn.Module):
         z = mu + std * per_example(lambda m: self.noise(m, device=x.device), len(x))
         recon = -self.log_px(z, x, y)
         kl_dims = kl_per_dim(mu, logvar)
-        kl = kl_dims.sum(1)
+        kl = kl_dims.flatten(1).sum(1)
         beta = self.beta
         if self.kl_warmup_steps:
             # KL warm-up (Bowman et al. 2016; Sønderby et al. 2016, Sec. 2.3): beta grows linearly from 0 over
