@@ -46,7 +46,12 @@ ROWS = {
     "dcgan64_b1024": ["model=gan", "dataset=fashion_mnist", "dataset.image_size=64", "trainer.batch_size=1024"],
     "gan28": ["model=gan", "dataset=mnist"],  # the defaults: `gentrain model=gan dataset=mnist`, batch 128
     "vae28": ["model=vae", "dataset=mnist"],
+    # Your own images (--folder): the lightweight GAN (experiment=folder_128), gentrain alone (the classic
+    # examples have no such model); FLOPs per image show what a step costs.
+    "light128_b32": ["experiment=folder_128", "dataset.image_size=128", "trainer.batch_size=32"],
+    "light256_b8": ["experiment=folder_128", "dataset.image_size=256", "trainer.batch_size=8"],
 }
+FOLDER_ROWS = ("light128_b32", "light256_b8")
 VARIANTS = {"default": [], "compile": ["trainer.compile=true"],
             "graphs": ["trainer.cuda_graphs=true"], "compile+graphs": ["trainer.compile=true", "trainer.cuda_graphs=true"]}
 QUICK = ["trainer.batch_size=16", "model.ch=16"]  # --quick: CPU-sized rows
@@ -141,7 +146,7 @@ def flops_per_image(run_step, x) -> float:
 
 def gentrain_flops(cfg, device) -> float:
     """FLOPs per training image of one gentrain step (every phase's loss, forward and backward)."""
-    size, channels = cfg.dataset.image_size, 1
+    size, channels = cfg.dataset.image_size, cfg.dataset.get("channels", 1)
     model = models.build(cfg.model, channels, size).to(device).train()
     x = torch.rand(8, channels, size, size, device=device) * 2 - 1
 
@@ -170,12 +175,17 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=5, help="timed windows (after one of warm-up)")
     ap.add_argument("--quick", action="store_true", help="batch 16, ch 16, 2 windows of 2 steps: a smoke test")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--folder", help="an image folder for the 128 and 256 px rows (e.g. the emoji of ../shared/data); "
+                                     "without it those rows are left out")
     ap.add_argument("overrides", nargs="*", help="gentrain overrides for every row, e.g. dataset.root=PATH")
     a = ap.parse_args()
     device = pick_device(a.device)
     if a.quick:
         a.window, a.windows = 2, 2
-    rows = a.rows or [r for r in ROWS if not (a.quick and r == "dcgan64_b1024")]
+    rows = a.rows or [r for r in ROWS if not (a.quick and (r == "dcgan64_b1024" or r in FOLDER_ROWS))]
+    if not a.folder and any(r in FOLDER_ROWS for r in rows):
+        print(f"leaving out {', '.join(r for r in rows if r in FOLDER_ROWS)}: they need --folder", file=sys.stderr)
+        rows = [r for r in rows if r not in FOLDER_ROWS]
     variants = a.variants or (["default", "compile", "compile+graphs"] if device.type == "cuda" else ["default"])
     if device.type != "cuda" and any("graphs" in v for v in variants):
         raise SystemExit("CUDA graphs need a CUDA GPU")
@@ -184,20 +194,22 @@ def main() -> None:
               f"trainer.sample_every={steps}", f"trainer.ckpt_every={steps}", *(QUICK if a.quick else []), *a.overrides]
     results = []
     for name in rows:
-        base = config([*ROWS[name], *common])
-        torch.manual_seed(0)
-        model = models.build(base.model, 1, base.dataset.image_size).to(device).train()
-        ref_step = classic_step(model, device)
-        loader = classic_loader(base, device)
-        flops = {"reference": flops_per_image(ref_step, next(forever(loader, device))[:8]),
-                 "gentrain": gentrain_flops(base, device)}
-        rates = windows(ref_step, forever(loader, device), a.window, a.windows, device)
-        del loader
-        results.append({"row": name, "impl": "reference", "batch": base.trainer.batch_size,
-                        "img_per_s": statistics.median(rates), "windows": rates, "flop_per_img": flops["reference"]})
-        print(f"{name} reference: {results[-1]['img_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+        folder = [f"dataset.root={a.folder}"] if name in FOLDER_ROWS else []
+        base = config([*ROWS[name], *common, *folder])
+        flops = {"gentrain": gentrain_flops(base, device)}
+        if name not in FOLDER_ROWS:
+            torch.manual_seed(0)
+            model = models.build(base.model, 1, base.dataset.image_size).to(device).train()
+            ref_step = classic_step(model, device)
+            loader = classic_loader(base, device)
+            flops["reference"] = flops_per_image(ref_step, next(forever(loader, device))[:8])
+            rates = windows(ref_step, forever(loader, device), a.window, a.windows, device)
+            del loader
+            results.append({"row": name, "impl": "reference", "batch": base.trainer.batch_size,
+                            "img_per_s": statistics.median(rates), "windows": rates, "flop_per_img": flops["reference"]})
+            print(f"{name} reference: {results[-1]['img_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         for variant in variants:
-            cfg = config([*ROWS[name], *common, *VARIANTS[variant]])
+            cfg = config([*ROWS[name], *common, *folder, *VARIANTS[variant]])
             rates = run_gentrain(cfg, device)
             results.append({"row": name, "impl": f"gentrain {variant}", "batch": cfg.trainer.batch_size,
                             "img_per_s": statistics.median(rates), "windows": rates, "flop_per_img": flops["gentrain"]})
@@ -207,9 +219,10 @@ def main() -> None:
     print(f"\n{name}, torch {torch.__version__}; median of {a.windows} windows of {a.window} steps\n")
     print("| row | implementation | batch | img/s | GFLOP/img | TFLOP/s | vs reference |\n|---|---|---|---|---|---|---|")
     for r in results:
-        ref = next(x for x in results if x["row"] == r["row"] and x["impl"] == "reference")
+        ref = next((x for x in results if x["row"] == r["row"] and x["impl"] == "reference"), None)
+        ratio = "-" if ref is None else f"{r['img_per_s'] / ref['img_per_s']:.2f}x"
         print(f"| {r['row']} | {r['impl']} | {r['batch']} | {r['img_per_s']:,.0f} | {r['flop_per_img'] / 1e9:.3f} | "
-              f"{r['img_per_s'] * r['flop_per_img'] / 1e12:.3f} | {r['img_per_s'] / ref['img_per_s']:.2f}x |")
+              f"{r['img_per_s'] * r['flop_per_img'] / 1e12:.3f} | {ratio} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=1))
 
