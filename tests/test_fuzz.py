@@ -5,10 +5,8 @@ run folders it touched as they were."""
 
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -61,7 +61,7 @@ def test_dynamic_binarisation_draws_each_pixel_from_its_intensity():
 @pytest.mark.parametrize("kw, fragment", [
     ({"binarize": True, "likelihood": "gaussian"}, "only model.likelihood=bernoulli"),
     ({"k": 4, "beta": 2.0}, "IWAE bound"),
-    ({"k": 0}, "model.k must be an integer >= 1"),
+    ({"k": 0}, "model.k must be a positive integer"),
     ({"likelihood": "poisson"}, "choose from bernoulli, gaussian, dlogistic"),
     ({"conditional": True}, "needs a labelled dataset"),
 ])

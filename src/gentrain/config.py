@@ -9,13 +9,13 @@ A key the table does not know is refused with the nearest known keys ("did you m
 
 import difflib
 import inspect
-import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gentrain import data, dist, models
+from gentrain.checks import LARGEST, anything, boolean, choice, integer, list_of, number, positive, text
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
 from gentrain.loggers import LOGGERS
@@ -23,7 +23,6 @@ from gentrain.metrics import METRICS, SCORES, skipped_metrics
 
 # The config groups: on resume these cannot change, only keys inside them.
 GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
-LARGEST = 2 ** 31 - 1  # no count (steps, images, samples) gentrain takes is larger
 
 
 def config_dir() -> Path:
@@ -33,89 +32,6 @@ def config_dir() -> Path:
         if (candidate / "train.yaml").is_file():
             return candidate
     raise GentrainError(f"gentrain's configs are missing (looked in {here / 'configs'}); reinstall gentrain")
-
-
-# Rules: each takes (key, value) and raises one GentrainError line naming the key, the value and what fits.
-
-def _kind(value) -> str:
-    return "null" if value is None else "a list" if isinstance(value, (list, ListConfig)) else repr(value)
-
-
-def integer(low: int = 0, high: int = LARGEST, optional: bool = False):
-    """An integer in [low, high]."""
-    what = (("a positive integer" if low == 1 else f"an integer >= {low}") if high == LARGEST else
-            f"an integer from {low} to {high}") + (" (or null)" if optional else "")
-
-    def rule(key, value):
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            limit = f" up to {high}" if high == LARGEST and isinstance(value, int) and value > high else ""
-            raise GentrainError(f"{key} must be {what}{limit}, got {_kind(value)}")
-    return rule
-
-
-def number(low: float | None = None, high: float | None = None, above: bool = False, below: bool = False,
-           optional: bool = False):
-    """A finite number in [low, high] (above, below: strictly)."""
-    if (low, above, high) == (0, True, None):
-        what = "a positive number"
-    else:
-        bounds = [f"{'>' if above else '>='} {low:g}" if low is not None else None,
-                  f"{'<' if below else '<='} {high:g}" if high is not None else None]
-        what = "a number " + " and ".join(b for b in bounds if b)
-
-    def rule(key, value):
-        if value is None and optional:
-            return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (low is None or (value > low if above else value >= low))
-        ok = ok and (high is None or (value < high if below else value <= high))
-        if not ok:
-            raise GentrainError(f"{key} must be {what}{' (or null)' if optional else ''}, got {_kind(value)}")
-    return rule
-
-
-def positive(optional: bool = False):
-    return number(0, above=True, optional=optional)
-
-
-def boolean(key, value):
-    if not isinstance(value, bool):
-        raise GentrainError(f"{key} must be true or false, got {_kind(value)}")
-
-
-def choice(*values, optional: bool = False):
-    def rule(key, value):
-        if value is None and optional:
-            return
-        if not any(value is v if isinstance(v, bool) else (value == v and not isinstance(value, bool)) for v in values):
-            raise GentrainError(f"{key} must be one of {'|'.join(str(v).lower() for v in values)}, got {_kind(value)}")
-    return rule
-
-
-def text(optional: bool = False):
-    def rule(key, value):
-        if value is None and optional:
-            return
-        if not isinstance(value, str) or not value:
-            raise GentrainError(f"{key} must be a {'path' if 'root' in key or 'dir' in key else 'text'}"
-                                f"{' (or null)' if optional else ''}, got {_kind(value)}")
-    return rule
-
-
-def list_of(item, min_len: int = 0, max_len: int | None = None):
-    def rule(key, value):
-        if not isinstance(value, (list, ListConfig)) or len(value) < min_len or (max_len and len(value) > max_len):
-            size = f"{min_len}" if min_len == max_len else f"at least {min_len}"
-            raise GentrainError(f"{key} must be a list of {size} values, like [a,b], got {_kind(value)}")
-        for i, v in enumerate(value):
-            item(f"{key}[{i}]", v)
-    return rule
-
-
-def anything(key, value):
-    pass
 
 
 DEVICE = choice("auto", "cpu", "cuda")

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gentrain import dist
-from gentrain.checks import positive
+from gentrain.checks import integer, positive
 from gentrain.data import DataFacts
 from gentrain.dist import per_example
 from gentrain.errors import GentrainError
@@ -174,8 +174,8 @@ class GAN(nn.Module):
         if not facts.points:
             plan(facts.image_size)
         for key in ("z_dim", "ch", "depth", "d_steps", "r1_every", "ada_interval"):
-            positive(f"model.{key}", s[key])
-        positive("model.ada_kimg", s["ada_kimg"], integer=False)
+            integer(1)(f"model.{key}", s[key])
+        positive()("model.ada_kimg", s["ada_kimg"])
         if arch == "lightweight" and (facts.image_size & (facts.image_size - 1) or s["conditional"]):
             raise GentrainError("model.arch=lightweight (FastGAN) needs an unconditional model and a power-of-two "
                                 f"image side, 128 to 512 px in the paper; got dataset.image_size={facts.image_size}"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gentrain.checks import at_least, positive
+from gentrain.checks import integer, positive
 from gentrain.data import DataFacts
 from gentrain.dist import per_example
 from gentrain.errors import GentrainError
@@ -77,8 +77,8 @@ class VAE(nn.Module):
         plan(facts.image_size)
         if s["arch"] not in ARCHS:
             raise GentrainError(f"model.arch={s['arch']!r} is unknown for model=vae; choose from {', '.join(ARCHS)}")
-        positive("model.z_dim", s["z_dim"])
-        positive("model.ch", s["ch"])
+        integer(1)("model.z_dim", s["z_dim"])
+        integer(1)("model.ch", s["ch"])
         likelihood, beta, sigma, free_bits, k = s["likelihood"], s["beta"], s["sigma"], s["free_bits"], s["k"]
         if likelihood not in LIKELIHOODS:
             raise GentrainError(f"model.likelihood={likelihood!r} is not supported; choose from {', '.join(LIKELIHOODS)}")
@@ -88,8 +88,8 @@ class VAE(nn.Module):
         if s["binarize"] and likelihood != "bernoulli":
             raise GentrainError(f"model.binarize=true makes {{0, 1}} pixels, which only model.likelihood=bernoulli "
                                 f"describes; got likelihood={likelihood}")
-        at_least("model.k", k, 1)
-        at_least("model.kl_warmup_steps", s["kl_warmup_steps"], 0)
+        integer(1)("model.k", k)
+        integer(0)("model.kl_warmup_steps", s["kl_warmup_steps"])
         if k > 1 and (beta != 1 or free_bits or s["kl_warmup_steps"]):
             raise GentrainError(f"model.k={k} trains the IWAE bound, which has no KL term to weigh: it takes "
                                 f"model.beta=1, free_bits=0 and kl_warmup_steps=0")

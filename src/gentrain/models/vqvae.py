@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gentrain import dist
-from gentrain.checks import at_least, positive
+from gentrain.checks import integer, positive
 from gentrain.data import DataFacts
 from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
@@ -133,9 +133,9 @@ class VQVAE(nn.Module):
         if s["likelihood"] not in LIKELIHOODS:
             raise GentrainError(f"model.likelihood={s['likelihood']!r} is not supported; "
                                 f"choose from {', '.join(LIKELIHOODS)}")
-        at_least("model.num_codes", s["num_codes"], 2)
+        integer(2)("model.num_codes", s["num_codes"])
         for key in ("z_dim", "ch", "prior_ch", "prior_layers"):
-            positive(f"model.{key}", s[key])
+            integer(1)(f"model.{key}", s[key])
         beta, decay, restart, sigma = s["beta"], s["decay"], s["restart"], s["sigma"]
         if not beta >= 0 or not 0 < decay < 1 or not restart >= 0 or (sigma is not None and not sigma > 0):
             raise GentrainError(f"need model.beta >= 0, 0 < model.decay < 1, model.restart >= 0 and model.sigma > 0 "
