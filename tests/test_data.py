@@ -156,6 +156,13 @@ def test_a_streamed_folder_gives_the_batches_of_the_decoded_one(tmp_path, emoji_
         assert torch.equal(a(step)[0], b(step)[0]), step
     seen = torch.cat([b.order(s) for s in range(4)])  # one epoch: 4 batches of 5 from 24 images
     assert len(set(seen.tolist())) == 20
+    # two D runs and G in each step (d_steps=2): batches 2s, 2s+1, then 2s again, with no loader restart
+    c = Batches(streamed, batch_size=5, seed=1, device=torch.device("cpu"), workers=0)
+    loaders = []
+    for step in [0, 1, 0, 2, 3, 2, 4, 5, 4]:
+        assert torch.equal(a(step)[0], c(step)[0]), step
+        loaders.append(c._it)
+    assert len({id(it) for it in loaders}) == 1
 
 
 @pytest.mark.slow

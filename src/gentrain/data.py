@@ -324,7 +324,7 @@ class Batches:
         self._epoch, self._perm = -1, None
         if isinstance(data, ImageFiles):
             self.files, self.workers, self.images, self.labels = data, workers, None, None
-            self._last, self._it = (None, None), None
+            self._recent, self._next, self._it = {}, None, None
             self.where = f"streamed from disk by {workers} DataLoader workers"
         else:
             self.images = hold(data.images, device, on_device)
@@ -360,10 +360,13 @@ class Batches:
         return x.contiguous(memory_format=self.layout), y
 
     def _streamed(self, step: int) -> torch.Tensor:
-        """Batch `step` from the DataLoader, whose batch sampler walks the same order from the step asked for."""
-        if self._last[0] == step:  # asked again (reals.png reads batch 0 before step 0 trains on it)
-            return self._last[1]
-        if self._it is None or self._last[0] != step - 1:
+        """Batch `step` from the DataLoader, whose batch sampler walks the same order from the step asked for.
+        The last few batches are kept: a step's phases read some of them more than once (reals.png and step
+        0 read batch 0; with d_steps > 1, G reads the batch of D's first run), and the loader only restarts
+        where the reading jumps."""
+        if step in self._recent:
+            return self._recent[step]
+        if self._it is None or step != self._next:
             steps = (self.order(k).tolist() for k in itertools.count(step))
             loader = torch.utils.data.DataLoader(self.files, batch_sampler=steps, num_workers=self.workers,
                                                  pin_memory=self.device.type == "cuda",
@@ -373,5 +376,6 @@ class Batches:
             x = next(self._it)
         except GentrainError as e:  # raised in a worker: its message is the last line of the report
             raise GentrainError(str(e).strip().splitlines()[-1].split("GentrainError: ", 1)[-1]) from None
-        self._last = (step, x)
+        self._recent = {k: v for k, v in self._recent.items() if k > step - 8} | {step: x}
+        self._next = step + 1
         return x
