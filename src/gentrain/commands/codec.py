@@ -1,10 +1,11 @@
 """`gentrain encode` and `gentrain decode`: a trained VAE or VQ-VAE as a learned compressor, from images
 to a codes file and back.
 
-A codes file is a plain dict of tensors, strings and numbers, read with torch.load(weights_only=True):
+A codes file (.pt) is a plain dict of tensors, strings and numbers, read with torch.load(weights_only=True):
 the codes (a VAE's posterior means, or a VQ-VAE's code indices in the smallest integer type that holds
 them), the labels a conditional VAE decodes with, and what made them: family, checkpoint, step, the
-source's file names, the image and code shapes.
+source's file names, the image and code shapes. A .gtc file holds a VQ-VAE's code indices arithmetic-coded
+under its PixelCNN prior (gentrain.bitstream): its size is what the codes cost.
 """
 
 import math
@@ -14,12 +15,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data, files
+from gentrain import bitstream, checkpoint, data, entropy, files
 from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
 from gentrain.images import save_pngs, to_signed
-from gentrain.models.family import CODEC
+from gentrain.models.family import BITSTREAM, CODEC
 
 FORMAT, VERSION = "gentrain-codes", 1
 SPLITS = ("test", "train")
@@ -89,7 +90,12 @@ def encode_images(cfg: DictConfig) -> None:
     check("encode", cfg)
     device = pick_device(cfg.device, key="device")
     model, ckpt = load_coder(cfg.ckpt, device)
-    files.check_writable(Path(str(cfg.out)).expanduser())
+    out = Path(str(cfg.out)).expanduser()
+    coded = out.suffix == ".gtc"
+    if coded and BITSTREAM not in model.capabilities:
+        raise GentrainError(f"out={out}: a .gtc file arithmetic-codes discrete codes under a prior, which a "
+                            f"{ckpt.family} does not have (model=vqvae does); write a .pt codes file")
+    files.check_writable(out)
     images, labels, names, source = read_images(cfg, ckpt)
     if model.num_classes and labels is None:
         raise GentrainError("a conditional VAE's code is read with the image's class, which a folder does not "
@@ -107,7 +113,8 @@ def encode_images(cfg: DictConfig) -> None:
     bits = {"stored": stored_bits, "rate": rate_bits}
     if model.num_codes:  # discrete codes: each cell costs log2(K) bits at a fixed length
         bits["fixed_length"] = math.prod(model.code_shape) * math.log2(model.num_codes)
-    out = Path(str(cfg.out)).expanduser()
+    if coded:
+        return write_stream(model, ckpt, codes, rate_bits, source, out, cfg.batch_size, device)
     result = {"format": FORMAT, "version": VERSION, "family": ckpt.family, "ckpt": str(ckpt.path.resolve()),
               "step": ckpt.step, "source": source, "files": names, "codes": codes,
               "labels": labels if model.num_classes else None,
@@ -118,13 +125,48 @@ def encode_images(cfg: DictConfig) -> None:
     print(model.describe_codes(codes.dtype, rate_bits, stored_bits))
 
 
+def write_stream(model, ckpt: checkpoint.Checkpoint, codes: torch.Tensor, rate_bits: float, source: str,
+                 out: Path, batch_size: int, device: torch.device) -> None:
+    """The code grids arithmetic-coded under the model's prior into the .gtc file `out`."""
+    words = entropy.compress(model.code_logits, codes.to(device), batch_size)
+    header = {"ckpt": str(ckpt.path.resolve()), "step": ckpt.step, "source": source,
+              "weights": bitstream.fingerprint(model), "n": len(codes), "code_shape": model.code_shape,
+              "num_codes": model.num_codes, "batch_size": batch_size, "device": device.type}
+    size = bitstream.write(out, header, words)
+    print(f"encoded {len(codes)} images ({source}) with {ckpt.describe()} into {out}")
+    print(f"bits per image: {size * 8 / len(codes):.1f} in the file ({size} bytes, header included), "
+          f"{words.nbytes * 8 / len(codes):.1f} in its stream; the prior's -log2 p(codes): {rate_bits:.1f}")
+
+
+def read_stream(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, torch.nn.Module, checkpoint.Checkpoint]:
+    """The code grids of the .gtc file cfg.input, decoded with the model that wrote them."""
+    path = Path(str(cfg.input)).expanduser()
+    header, words = bitstream.read(path)
+    model, ckpt = load_coder(cfg.ckpt or header["ckpt"], device)
+    made_by = f"{path} was coded with {header['ckpt']} (step {header.get('step')})"
+    if BITSTREAM not in model.capabilities or bitstream.fingerprint(model) != header["weights"]:
+        raise GentrainError(f"{made_by}; {ckpt.path} has other weights, which would decode it wrongly: decode "
+                            f"with the checkpoint that coded it")
+    if device.type != header["device"]:
+        raise GentrainError(f"{made_by} on {header['device']}; decode it there too (device={header['device']}): "
+                            f"the prior's probabilities must match bit for bit")
+    codes = entropy.decompress(model.code_logits, words, header["n"], header["code_shape"], header["batch_size"], device)
+    return codes, model, ckpt
+
+
 @torch.no_grad()
 def decode_codes(cfg: DictConfig) -> None:
     """Decode the codes file cfg.input with the checkpoint cfg.ckpt into one PNG per code in cfg.out."""
     check("decode", cfg)
     out = Path(str(cfg.out)).expanduser()
-    stored = load_codes(cfg.input)
+    if out.exists() and not out.is_dir():
+        raise GentrainError(f"out={out} is a file; decode writes one PNG per code into a folder (out=DIR/)")
     device = pick_device(cfg.device, key="device")
+    if bitstream.is_stream(Path(str(cfg.input)).expanduser()):
+        files.check_writable(out, folder=True)  # before the decoding, which takes a while
+        codes, model, ckpt = read_stream(cfg, device)
+        return write_images(model, ckpt, codes, None, cfg, out)
+    stored = load_codes(cfg.input)
     model, ckpt = load_coder(cfg.ckpt or stored["ckpt"], device)
     path = ckpt.path
     made_by = f"made by {stored['ckpt']} ({stored['family']})"
@@ -139,8 +181,13 @@ def decode_codes(cfg: DictConfig) -> None:
     codes, labels = stored["codes"], stored["labels"]
     if model.num_classes and labels is None:
         raise GentrainError(f"{path} is a conditional VAE and {cfg.input} holds no labels to decode with")
-    if out.exists() and not out.is_dir():
-        raise GentrainError(f"out={out} is a file; decode writes one PNG per code into a folder (out=DIR/)")
+    write_images(model, ckpt, codes, labels, cfg, out)
+
+
+def write_images(model, ckpt: checkpoint.Checkpoint, codes: torch.Tensor, labels: torch.Tensor | None,
+                 cfg: DictConfig, out: Path) -> None:
+    """The codes decoded into one PNG each in the folder `out`."""
+    device = next(model.parameters()).device
     files.check_writable(out, folder=True)
     i = 0
     for start in range(0, len(codes), cfg.batch_size):

@@ -59,6 +59,7 @@ INTERPOLATE = "interpolate"  # interpolation between two images (where noise cod
 LIKELIHOOD = "likelihood"    # a bound on -log p(x) split into rate and distortion (gentrain eval's nll)
 IWAE = "iwae"                # importance weights of q(z|x), for the IWAE estimate of log p(x)
 CODEC = "codec"              # images <-> codes, with what a code costs (gentrain encode/decode)
+BITSTREAM = "bitstream"      # discrete codes under a causal prior: an arithmetic-coded file (encode out=*.gtc)
 
 
 @runtime_checkable
@@ -111,5 +112,15 @@ class Codec(Protocol):
         """What the codes are and what they cost, for the encode report."""
 
 
+@runtime_checkable
+class EntropyCoded(Protocol):
+    code_shape: list[int]   # the grid of code indices (H, W)
+    num_codes: int
+
+    def code_logits(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) code indices -> (N, K, H, W) logits of p(c_i | c_<i) in raster order: a cell's logits
+        read only the cells before it."""
+
+
 PROTOCOLS = {EMA: HasEMA, RECONSTRUCT: Reconstructs, INTERPOLATE: Interpolates, LIKELIHOOD: HasLikelihood,
-             IWAE: ImportanceWeighted, CODEC: Codec}
+             IWAE: ImportanceWeighted, CODEC: Codec, BITSTREAM: EntropyCoded}

@@ -12,7 +12,7 @@ from gentrain.checks import integer, positive
 from gentrain.data import DataFacts
 from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
-from gentrain.models.family import CODEC, INTERPOLATE, LIKELIHOOD, RECONSTRUCT, Phase
+from gentrain.models.family import BITSTREAM, CODEC, INTERPOLATE, LIKELIHOOD, RECONSTRUCT, Phase
 from gentrain.models.likelihoods import LIKELIHOODS
 from gentrain.models.nets import plan
 from gentrain.models.pixelcnn import PixelCNN
@@ -94,7 +94,7 @@ def restart_dead(codebook: torch.Tensor, count: torch.Tensor, total: torch.Tenso
 class VQVAE(nn.Module):
     optimizers = ("vqvae", "prior")
     phases = (Phase("vqvae", "vqvae"), Phase("prior", "prior"))
-    capabilities = frozenset({RECONSTRUCT, INTERPOLATE, LIKELIHOOD, CODEC})
+    capabilities = frozenset({RECONSTRUCT, INTERPOLATE, LIKELIHOOD, CODEC, BITSTREAM})
     num_classes = 0
 
     def __init__(self, channels: int, image_size: int, num_codes: int = 128, z_dim: int = 16, ch: int = 64,
@@ -207,6 +207,9 @@ class VQVAE(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(codes.long())
+
+    def code_logits(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.prior(codes)
 
     def describe_codes(self, dtype: torch.dtype, rate_bits: float, stored_bits: int) -> str:
         side, k = self.side, self.num_codes
