@@ -1,17 +1,21 @@
 """The .gtc bitstream: a VQ-VAE's codes arithmetic-coded under its PixelCNN prior decode bit-exactly, the
 file costs what the prior says they cost, and a damaged or mismatched file is one clear error."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO, assert_one_line_error
+from test_codec import ONE_THREAD, config, fake_checkpoint, pngs
 
-from conftest import assert_one_line_error
 from gentrain import GentrainError, bitstream, checkpoint, entropy
 from gentrain.checkpoint import load_model
 from gentrain.commands.codec import decode_codes, encode_images
 from gentrain.models.pixelcnn import PixelCNN
-from test_codec import ONE_THREAD, config, fake_checkpoint, pngs
 
 TINY_VQVAE = {"family": "vqvae", "num_codes": 64, "z_dim": 16, "ch": 8, "prior_ch": 8, "prior_layers": 2}
 
@@ -49,6 +53,10 @@ def test_gtc_files_round_trip_through_the_cli(gentrain, tmp_path, data_root):
     gentrain("decode", f"input={gtc}", f"out={tmp_path / 'from_gtc'}/", env=ONE_THREAD)  # the ckpt from the header
     decode_codes(config("decode", input=pt, out=tmp_path / "from_pt"))
     assert torch.equal(pngs(tmp_path / "from_gtc"), pngs(tmp_path / "from_pt"))
+    # from another torch version: decoded all the same, with a note on the version
+    bitstream.write(tmp_path / "old.gtc", {**header, "torch": "2.3.0"}, words)
+    proc = gentrain("decode", f"input={tmp_path / 'old.gtc'}", f"out={tmp_path / 'from_old'}/", env=ONE_THREAD, process=True)
+    assert "coded with torch 2.3.0" in proc.stdout + proc.stderr and torch.equal(pngs(tmp_path / "from_old"), pngs(tmp_path / "from_pt"))
 
 
 def test_gtc_mistakes_are_named(gentrain, tmp_path, data_root):
@@ -63,12 +71,12 @@ def test_gtc_mistakes_are_named(gentrain, tmp_path, data_root):
     header, words = bitstream.read(gtc)
     bitstream.write(tmp_path / "gpu.gtc", {**header, "device": "cuda"}, words)
     for run, keys, fragment in [
-        (encode_images, dict(ckpt=vae, input="test", out=tmp_path / "v.gtc", data_root=data_root), "a vae does not have"),
-        (decode_codes, dict(ckpt=other, input=gtc, out=out), "has other weights"),
-        (decode_codes, dict(input=tmp_path / "cut.gtc", out=out), "damaged .gtc file"),
-        (decode_codes, dict(input=tmp_path / "flip.gtc", out=out), "damaged .gtc file"),
-        (decode_codes, dict(input=tmp_path / "gpu.gtc", out=out), r"on cuda; decode it there too \(device=cuda\)"),
-        (decode_codes, dict(input=gtc, out=gtc), "is a file"),
+        (encode_images, {"ckpt": vae, "input": "test", "out": tmp_path / "v.gtc", "data_root": data_root}, "a vae does not have"),
+        (decode_codes, {"ckpt": other, "input": gtc, "out": out}, "has other weights"),
+        (decode_codes, {"input": tmp_path / "cut.gtc", "out": out}, "damaged .gtc file"),
+        (decode_codes, {"input": tmp_path / "flip.gtc", "out": out}, "damaged .gtc file"),
+        (decode_codes, {"input": tmp_path / "gpu.gtc", "out": out}, r"on cuda; decode it there too \(device=cuda\)"),
+        (decode_codes, {"input": gtc, "out": gtc}, "is a file"),
     ]:
         with pytest.raises(GentrainError, match=fragment):
             run(config("encode" if run is encode_images else "decode", **keys))
@@ -89,3 +97,27 @@ def test_a_trained_vqvae_file_costs_what_its_prior_says(gentrain, vqvae_run, tmp
     rate = float(proc.stdout.split("-log2 p(codes): ")[1].split()[0])  # bits per image, as encode prints it
     per_image = gtc.stat().st_size * 8 / 500
     assert rate < 49 * 7 and rate <= per_image <= rate * 1.03  # the file is the rate, within 3%, header included
+
+
+def test_the_rate_distortion_script_compares_the_learned_codecs_with_png_jpeg_and_webp(tmp_path, data_root):
+    vq = fake_checkpoint(tmp_path / "vq.pt", TINY_VQVAE)
+    vae = fake_checkpoint(tmp_path / "vae.pt", {"family": "vae", "z_dim": 4, "ch": 4})
+    out = tmp_path / "rd"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "rate_distortion.py"), "--dataset", "mnist",
+                           "--data-root", str(data_root), "--n", "20", "--ckpt", str(vq), str(vae), "--name", "a", "b",
+                           "--delta", "0.1", "1", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr
+    points = json.loads((out / "rd.json").read_text())["points"]
+    codecs = {p["codec"] for p in points}
+    assert codecs == {f"{c}, {layout}" for c in ("PNG", "JPEG", "WebP") for layout in ("per image", "tiled")} | {
+        "VQ-VAE a", "VAE b"}
+    by = {(p["codec"], p["setting"]): p for p in points}
+    jpeg = [p for p in points if p["codec"] == "JPEG, tiled"]
+    assert all(a["bpp"] < b["bpp"] and a["psnr"] < b["psnr"] for a, b in zip(jpeg, jpeg[1:]))  # quality buys both
+    assert by["PNG, tiled", "lossless"]["bpp"] < by["PNG, per image", "lossless"]["bpp"]  # headers shared
+    vq_point = by["VQ-VAE a", "K=64, .gtc file"]
+    assert vq_point["bpp"] > 49 * 0.5 / 784 and 0 < vq_point["ssim"] < 1
+    coarse, fine = by["VAE b", "delta=1.0, ideal length"], by["VAE b", "delta=0.1, ideal length"]
+    assert coarse["bpp"] < fine["bpp"]  # a coarser grid costs fewer bits
+    assert (out / "rd.png").stat().st_size > 10_000 and "| VQ-VAE a | K=64, .gtc file |" in (out / "rd.md").read_text()

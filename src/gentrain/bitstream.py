@@ -36,9 +36,8 @@ def write(path: Path, header: dict, words: np.ndarray) -> int:
     """Write the header and the stream to `path` atomically; returns the file's size in bytes."""
     payload = words.astype("<u4").tobytes()
     head = json.dumps({"version": VERSION, **header, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
-    with files.atomic(path, what="codes file") as tmp:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<I", len(head)) + head + payload)
+    with files.atomic(path, what="codes file") as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<I", len(head)) + head + payload)
     return path.stat().st_size
 
 

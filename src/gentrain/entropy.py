@@ -15,7 +15,7 @@ still zero, in the same batches, on the same kind of device. One stream holds ev
 cell by cell, image by image.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -8,6 +8,7 @@ source's file names, the image and code shapes. A .gtc file holds a VQ-VAE's cod
 under its PixelCNN prior (gentrain.bitstream): its size is what the codes cost.
 """
 
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
 from gentrain.images import save_pngs, to_signed
 from gentrain.models.family import BITSTREAM, CODEC
+
+log = logging.getLogger("gentrain")
 
 FORMAT, VERSION = "gentrain-codes", 1
 SPLITS = ("test", "train")
@@ -131,7 +134,8 @@ def write_stream(model, ckpt: checkpoint.Checkpoint, codes: torch.Tensor, rate_b
     words = entropy.compress(model.code_logits, codes.to(device), batch_size)
     header = {"ckpt": str(ckpt.path.resolve()), "step": ckpt.step, "source": source,
               "weights": bitstream.fingerprint(model), "n": len(codes), "code_shape": model.code_shape,
-              "num_codes": model.num_codes, "batch_size": batch_size, "device": device.type}
+              "num_codes": model.num_codes, "batch_size": batch_size, "device": device.type,
+              "torch": torch.__version__}
     size = bitstream.write(out, header, words)
     print(f"encoded {len(codes)} images ({source}) with {ckpt.describe()} into {out}")
     print(f"bits per image: {size * 8 / len(codes):.1f} in the file ({size} bytes, header included), "
@@ -150,6 +154,9 @@ def read_stream(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, to
     if device.type != header["device"]:
         raise GentrainError(f"{made_by} on {header['device']}; decode it there too (device={header['device']}): "
                             f"the prior's probabilities must match bit for bit")
+    if header.get("torch") != torch.__version__:  # the same maths, perhaps other rounding: say so, then try
+        log.warning("note: %s was coded with torch %s and this is torch %s; if the images come out garbled, "
+                    "decode with torch %s", path, header.get("torch"), torch.__version__, header.get("torch"))
     codes = entropy.decompress(model.code_logits, words, header["n"], header["code_shape"], header["batch_size"], device)
     return codes, model, ckpt
 
