@@ -10,9 +10,10 @@ Every rate is bits per pixel of the test images (a 28 px greyscale image has 784
   shared, as a learned codec's file shares its own);
 - a VQ-VAE checkpoint: the size of the .gtc file `gentrain encode` writes (its header included), decoded
   back by `gentrain decode`: a real file, read back bit-exactly;
-- a VAE checkpoint: its posterior mean rounded to a grid of step delta, priced at the ideal code length
-  under the prior N(0, I), sum of -log2 P(bin) (an arithmetic coder's length, within a few bits; no file
-  is written), decoded from the rounded mean. One point per --delta.
+- a VAE checkpoint: its posterior mean rounded to a grid (per dimension, --delta times its mean posterior
+  std; the inactive dimensions left at 0), priced at the ideal code length under the prior N(0, I), the
+  sum of -log2 P(bin) (an arithmetic coder's length, within a few bits; no file is written), and decoded
+  from the rounded mean. One point per --delta.
 Distortion is per image and averaged: PSNR on 8-bit pixels (MSE floored at 1e-10), and SSIM (Wang et al.
 2004) with a 7-pixel window, pytorch-msssim's; MS-SSIM needs images above 160 px and is left out.
 """
@@ -36,7 +37,7 @@ from gentrain import checkpoint, data  # noqa: E402
 from gentrain.images import pyplot, to_signed, to_uint8  # noqa: E402
 
 QUALITIES = {"JPEG": [5, 10, 20, 30, 50, 75, 90], "WebP": [0, 5, 10, 25, 50, 75, 90]}
-DELTAS = [0.05, 0.1, 0.2, 0.4]
+DELTAS = [0.5, 1.0, 2.0, 4.0]
 
 
 def distortion(x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -106,17 +107,31 @@ def vqvae(ckpt: Path, images: torch.Tensor, args, work: Path) -> dict:
 
 
 @torch.no_grad()
-def vae(model, images: torch.Tensor, delta: float, device) -> dict:
-    """The posterior mean rounded to multiples of delta, priced under N(0, I) and decoded."""
+def vae(model, images: torch.Tensor, deltas: list[float], device) -> list[dict]:
+    """The posterior mean rounded, priced under N(0, I) and decoded, for each relative step in `deltas`.
+
+    Dimension i is rounded to multiples of delta * s_i, s_i its posterior std averaged over the images (the
+    resolution the encoder itself claims), and only the active ones are coded: Var_x(mu_i) > 0.01 (Burda et
+    al. 2016); the others are sent as the prior's mean, 0, for free. s and the mask are the codec's own
+    parameters, 2 numbers per dimension, left out of the rate."""
     normal = torch.distributions.Normal(0.0, 1.0)
-    bits, back = 0.0, []
+    mu, std = [], []
     for batch in images.split(500):
-        mu, _ = model.encode(to_signed(batch.to(device)))
-        q = torch.round(mu / delta) * delta
-        p_bin = normal.cdf(q.double() + delta / 2) - normal.cdf(q.double() - delta / 2)
-        bits += -torch.log2(p_bin.clamp(min=1e-300)).sum().item()
-        back.append(to_uint8(model.decode_codes(q)).cpu())
-    return {"bpp": bits / images[:, 0].numel(), **distortion(images, torch.cat(back))}
+        m, logvar = model.encode(to_signed(batch.to(device)))
+        mu.append(m.double().cpu())
+        std.append((0.5 * logvar).exp().double().cpu())
+    mu, std = torch.cat(mu), torch.cat(std).mean(0)
+    active = mu.var(0) > 0.01
+    points = []
+    for delta in deltas:
+        step = delta * std
+        q = torch.where(active, torch.round(mu / step) * step, 0.0)
+        p_bin = normal.cdf(q + step / 2) - normal.cdf(q - step / 2)
+        bits = -torch.log2(p_bin.clamp(min=1e-300))[:, active].sum().item()
+        back = torch.cat([to_uint8(model.decode_codes(z.float().to(device))).cpu() for z in q.split(500)])
+        points.append({"setting": f"delta={delta} x std, {int(active.sum())} active dims, ideal length",
+                       "bpp": bits / images[:, 0].numel(), **distortion(images, back)})
+    return points
 
 
 def learned(ckpts: list[Path], images: torch.Tensor, args) -> list[dict]:
@@ -129,9 +144,7 @@ def learned(ckpts: list[Path], images: torch.Tensor, args) -> list[dict]:
                 points.append({"codec": f"VQ-VAE {name}", "setting": f"K={model.num_codes}, .gtc file",
                                **vqvae(ckpt.path, images, args, Path(tmp))})
             elif ckpt.family == "vae":
-                for delta in args.delta:
-                    points.append({"codec": f"VAE {name}", "setting": f"delta={delta}, ideal length",
-                                   **vae(model, images, delta, device)})
+                points += [{"codec": f"VAE {name}", **p} for p in vae(model, images, args.delta, device)]
             else:
                 raise SystemExit(f"{path} is a {ckpt.family} checkpoint; give VAE or VQ-VAE checkpoints")
     return points
@@ -176,7 +189,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="the first n test images")
     parser.add_argument("--ckpt", nargs="*", default=[], help="VAE or VQ-VAE checkpoints or run folders")
     parser.add_argument("--name", nargs="*", default=[], help="a label per --ckpt (default: its folder's name)")
-    parser.add_argument("--delta", type=float, nargs="*", default=DELTAS, help="a VAE's rounding steps")
+    parser.add_argument("--delta", type=float, nargs="*", default=DELTAS, help="a VAE's rounding steps, in posterior stds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="rd", help="folder for rd.json, rd.md and rd.png")
     args = parser.parse_args(argv)
