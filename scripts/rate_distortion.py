@@ -38,6 +38,7 @@ from gentrain.images import pyplot, to_signed, to_uint8  # noqa: E402
 
 QUALITIES = {"JPEG": [5, 10, 20, 30, 50, 75, 90], "WebP": [0, 5, 10, 25, 50, 75, 90]}
 DELTAS = [0.5, 1.0, 2.0, 4.0]
+TICKS = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
 
 
 def distortion(x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -97,8 +98,10 @@ def gentrain(*args: str) -> str:
 
 
 def vqvae(ckpt: Path, images: torch.Tensor, args, work: Path) -> dict:
-    """The .gtc file of the first n test images and what `gentrain decode` reads back from it."""
-    gtc, out = work / f"{ckpt.stem}.gtc", work / f"{ckpt.stem}-decoded"
+    """The .gtc file of the first n test images and what `gentrain decode` reads back from it, in a fresh
+    folder under `work`."""
+    work = Path(tempfile.mkdtemp(dir=work))
+    gtc, out = work / "codes.gtc", work / "decoded"
     gentrain("encode", f"ckpt={ckpt}", "input=test", f"n={len(images)}", f"out={gtc}", f"data_root={args.data_root}",
              f"device={args.device}")
     gentrain("decode", f"input={gtc}", f"out={out}/", f"device={args.device}")
@@ -160,6 +163,8 @@ def table(points: list[dict]) -> str:
 
 def plot(points: list[dict], path: Path, title: str) -> None:
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
         for codec in dict.fromkeys(p["codec"] for p in points):
@@ -172,6 +177,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             marker = "s" if codec.startswith("VQ") else "o" if codec.startswith("VAE") else "."
             ax.plot([p["bpp"] for p in line], [p[key] for p in line], style, marker=marker, label=codec)
         ax.set_xscale("log")
+        ax.set_xticks(TICKS, [f"{t:g}" for t in TICKS])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("bits per pixel (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
