@@ -36,8 +36,10 @@ def coder():
 
 
 def cell_probabilities(logits: Logits, grid: torch.Tensor, r: int, c: int) -> np.ndarray:
-    """p(c_rc | the cells before it) for each grid, (N, K) float32: the grid's cells from (r, c) on must be 0."""
-    return F.softmax(logits(grid)[:, :, r, c].float(), 1).cpu().numpy()
+    """p(c_rc | the cells before it) for each grid, (N, K) float32: the grid's cells from (r, c) on must be 0.
+    On CUDA, cuDNN's deterministic algorithms only: the same inputs must give the same bits every time."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        return F.softmax(logits(grid)[:, :, r, c].float(), 1).cpu().numpy()
 
 
 @torch.no_grad()
