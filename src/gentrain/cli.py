@@ -137,6 +137,13 @@ def _metrics_list(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started with Ctrl-C ignored (inherited from the parent): the training loop takes SIGINT over for a
+        # clean stop anyway, so Ctrl-C before it works the same way, as a KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:  # Ctrl-C before the loop took it over (importing torch, loading data)
