@@ -66,7 +66,8 @@ def test_ema_keeps_the_state_dict_of_torchs_averaged_model():
 
 def test_cuda_graphs_need_a_gpu(gentrain):
     cpu = [*GAN, "trainer.device=cpu"]
-    assert_one_line_error(gentrain(*cpu, "trainer.cuda_graphs=true", check=False), "trainer.cuda_graphs=true needs a CUDA GPU")
+    assert_one_line_error(gentrain(*cpu, "trainer.cuda_graphs=true", check=False),
+                          "trainer.cuda_graphs=true cannot capture this run's step: it runs on cpu, and CUDA graphs need a CUDA GPU")
     assert_one_line_error(gentrain(*cpu, "trainer.compile=maybe", check=False), "trainer.compile must be true or false")
 
 
@@ -166,3 +167,65 @@ def test_cuda_graphs_train_and_resume_through_the_cli(gentrain, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(2, 13, 2))
     assert all(torch.isfinite(torch.tensor(r["D/loss"])) for r in records)
+
+
+# Ops that launch no kernel on a GPU: views, allocations, metadata.
+NO_KERNEL = {"aten::detach", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select",
+             "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::as_strided", "aten::t", "aten::transpose",
+             "aten::permute", "aten::flatten", "aten::alias", "aten::unbind", "aten::split", "aten::narrow",
+             "aten::lift_fresh", "aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::empty_strided",
+             "aten::resize_", "aten::result_type", "aten::is_nonzero"}
+
+
+def kernels_per_step(cfg: dict) -> tuple[int, int, int]:
+    """One uncaptured training step of the loop (loop.Step and loop.Meter) on CPU under torch.profiler: the
+    kernels it runs in all (leaf aten ops, not views), those the loop runs itself (outside the family's
+    loss and after_step, autograd's backward and the optimizers), and the phases it ran."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from gentrain import loop
+
+    torch.manual_seed(0)
+    model = build(cfg, 1, 28).train()
+    for name in ("loss", "after_step"):
+        def scoped(*args, fn=getattr(model, name), label=f"family.{name}"):
+            with record_function(label):
+                return fn(*args)
+        setattr(model, name, scoped)
+    # foreach Adam: a fixed number of kernels per optimizer, as the fused one on a GPU (one) is
+    optimizers = {o: torch.optim.Adam(model.phase_parameters(o), foreach=True) for o in model.optimizers}
+    scalers = {o: torch.amp.GradScaler("cpu", enabled=False) for o in optimizers}
+    run, meter = loop.Step(model, optimizers, scalers, torch.device("cpu"), None), loop.Meter()
+    x, y = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (8,))
+
+    def step(s: int) -> int:
+        phases = tuple(p for p in model.phases if s % p.every == 0)
+        meter.add(s, run(phases, [(x, y)] * len(phases), s))
+        return len(phases)
+
+    step(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        phases = step(1)
+    total = own = 0
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.name in NO_KERNEL or any(c.name.startswith("aten::") for c in e.cpu_children):
+            continue
+        total += 1
+        outer, inside = e.cpu_parent, False
+        while outer is not None:
+            inside |= outer.name.startswith(("family.", "autograd::engine", "Optimizer."))
+            outer = outer.cpu_parent
+        own += not inside
+    return total, own, phases
+
+
+@pytest.mark.parametrize("cfg, budget", [({"family": "gan"}, 271), ({"family": "vae"}, 224),
+                                         ({"family": "gan", "d_steps": 2, "ema": 0.99}, None)])
+def test_kernel_launches_per_step(cfg, budget):
+    """The loop's own work in a step is a fixed handful of kernels, whatever the phases log (one stack of
+    every loss and logged number, one sum, the finiteness check), plus backward's seed gradient per
+    phase; a default step in all stays within its budget, measured on torch 2.14.1, so a regression shows."""
+    total, own, phases = kernels_per_step(cfg)
+    assert own - phases <= 11, own
+    if budget:
+        assert total <= budget * 1.1, total

@@ -133,9 +133,11 @@ def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, device: to
     s = ckpt.state
     load_weights(ckpt, model)
     for p, opt in optimizers.items():
-        opt.load_state_dict(s["optim"][p])
-        for group in opt.param_groups:  # hyperparameters follow the config (optim.lr=... on resume)
-            group.update(opt.defaults)
+        # Hyperparameters follow the config (optim.lr=... on resume), and so do the implementation flags
+        # (fused, capturable): torch places the loaded step counts by them, on the device for a step that
+        # a CUDA graph captures, whichever way the checkpoint's run was stepped.
+        saved = s["optim"][p]
+        opt.load_state_dict({**saved, "param_groups": [g | opt.defaults for g in saved["param_groups"]]})
         scalers[p].load_state_dict(s["scaler"][p])
     torch.set_rng_state(s["rng"]["torch"])
     if device.type == "cuda" and s["rng"]["cuda"]:  # the training GPU's state; all ranks share it

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gentrain import data, dist, models
+from gentrain import data, dist, fast, models
 from gentrain.checks import LARGEST, anything, boolean, choice, integer, list_of, number, positive, text
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
@@ -40,7 +40,8 @@ SEED = integer(0, 2 ** 63 - 1)
 TRAINER = {
     "steps": integer(1), "max_minutes": positive(optional=True), "batch_size": integer(1), "device": DEVICE,
     "devices": integer(1, 1024), "sync_bn": boolean, "precision": choice("auto", "fp32", "bf16", "fp16"),
-    "channels_last": choice("auto", True, False), "compile": boolean, "cuda_graphs": boolean,
+    "channels_last": choice("auto", True, False), "compile": boolean,
+    "cuda_graphs": choice("auto", True, False),
     "log_every": integer(1), "sample_every": integer(1), "ckpt_every": integer(1), "keep_every": integer(0),
     "n_samples": integer(1, 10_000), "loggers": list_of(choice(*LOGGERS), min_len=1), "wandb_project": text(),
     "eval_every": integer(0), "eval_n": integer(2), "eval_metric": choice(*SCORES),
@@ -183,12 +184,4 @@ def check_train(cfg: DictConfig) -> None:
     if t.sync_bn and processes > 1 and device.type != "cuda":
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
-    if t.cuda_graphs:
-        # A captured step replays the same kernels on the same shapes, and nothing in it may wait for the host.
-        if device.type != "cuda":
-            raise GentrainError("trainer.cuda_graphs=true needs a CUDA GPU; leave it off on the CPU")
-        if amp is torch.float16:
-            raise GentrainError("trainer.cuda_graphs=true cannot capture fp16's GradScaler, which checks for "
-                                "overflow on the host; use trainer.precision=bf16 or fp32")
-        if processes > 1:
-            raise GentrainError("trainer.cuda_graphs=true runs in one process; with trainer.devices > 1 leave it off")
+    fast.plan(t, device, amp, processes, facts.points)  # a fast-path switch set to true that cannot work here

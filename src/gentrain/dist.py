@@ -118,9 +118,9 @@ def total(x: torch.Tensor) -> torch.Tensor:
     return _reduced(x, td.ReduceOp.SUM)
 
 
-def maximum(x: torch.Tensor) -> torch.Tensor:
-    """The largest value over ranks of a tensor every rank holds."""
-    return _reduced(x, td.ReduceOp.MAX)
+def minimum(x: torch.Tensor) -> torch.Tensor:
+    """The smallest value over ranks of a tensor every rank holds."""
+    return _reduced(x, td.ReduceOp.MIN)
 
 
 def broadcast_(module: torch.nn.Module) -> None:

@@ -1,5 +1,5 @@
 """The fast path the loop switches on: channels_last memory layout, torch.compile, and a whole training
-step captured as one CUDA graph.
+step captured as one CUDA graph, decided once per run by `plan`.
 
 None of these changes what a step computes, only how fast it runs: a step with them on and off takes
 the same arithmetic up to floating-point order (tests/test_fast.py checks it on CPU, and on CUDA where
@@ -7,11 +7,66 @@ there is one).
 """
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 
+from gentrain.errors import GentrainError
 
-def channels_last(setting, device: torch.device, points: bool) -> bool:
+
+@dataclass(frozen=True)
+class FastPath:
+    """What a run switches on. `uncaptured` says why a step that trainer.cuda_graphs=auto would capture is
+    not (None when it is captured, or when capture was switched off)."""
+
+    channels_last: bool = False
+    compile: bool = False
+    compile_options: dict = field(default_factory=dict)
+    cuda_graphs: bool = False
+    uncaptured: str | None = None
+
+    def describe(self) -> list[str]:
+        return [name for name, on in (("channels_last", self.channels_last), ("torch.compile", self.compile),
+                                      ("CUDA graphs", self.cuda_graphs)) if on]
+
+
+def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, points: bool) -> FastPath:
+    """The trainer's channels_last, compile and cuda_graphs settings for a run on `device` in `amp` over
+    `processes` processes; a switch set to true that cannot work here is one GentrainError line."""
+    compile_options, channels_last = {}, _channels_last(t.channels_last, device, points)
+    if t.compile and device.type == "cuda" and not inductor_knows_nhwc_conv_grads():
+        # This torch's inductor predicts NCHW strides for the gradients of a channels_last convolution
+        # where cuDNN returns NHWC ones, and its compiled backward then fails a stride assertion
+        # (pytorch/pytorch#171622; seen with ConvTranspose2d, on torch 2.11). Its own layout optimisation
+        # makes such convolutions from NCHW inputs, so both the eager layout and inductor's stay NCHW.
+        if t.channels_last is True:
+            raise GentrainError(f"trainer.compile=true with trainer.channels_last=true fails in torch "
+                                f"{torch.__version__}'s inductor on CUDA (pytorch/pytorch#171622); use "
+                                f"trainer.channels_last=auto, or a torch whose inductor has the fix")
+        compile_options, channels_last = {"layout_optimization": False}, False
+    why = uncapturable(device, amp, processes)
+    if t.cuda_graphs is True and why:
+        raise GentrainError(f"trainer.cuda_graphs=true cannot capture this run's step: {why}")
+    capture = t.cuda_graphs is True or (t.cuda_graphs == "auto" and why is None)
+    return FastPath(channels_last, bool(t.compile), compile_options, capture,
+                    why if t.cuda_graphs == "auto" else None)
+
+
+def uncapturable(device: torch.device, amp: torch.dtype | None, processes: int) -> str | None:
+    """Why a training step on `device` in `amp` over `processes` processes cannot be one CUDA graph, or None.
+    Every family's step reads nothing back to the host (tests/test_fast.py), so that is not a reason."""
+    if device.type != "cuda":
+        return f"it runs on {device.type}, and CUDA graphs need a CUDA GPU"
+    if amp is torch.float16:
+        return "fp16's GradScaler reads its overflow check back to the host; use trainer.precision=bf16 or fp32"
+    if processes > 1:
+        # NCCL's all-reduce can run inside a graph (NCCL >= 2.9.6, torch's CUDA graph notes), gloo's
+        # cannot; capturing the gradient averaging of gentrain.dist is not built or measured yet.
+        return f"it runs in {processes} processes, whose gradient all-reduce is not captured yet"
+    return None
+
+
+def _channels_last(setting, device: torch.device, points: bool) -> bool:
     """trainer.channels_last: NHWC layout for the conv nets and their batches. auto: on CUDA, where cuDNN's
     tensor-core convolutions run in NHWC and NCHW costs a transpose around each of them."""
     if points:
@@ -19,13 +74,26 @@ def channels_last(setting, device: torch.device, points: bool) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_networks(model: torch.nn.Module) -> None:
+@functools.cache
+def inductor_knows_nhwc_conv_grads() -> bool:
+    """Does this torch's shape propagation give a channels_last convolution channels_last gradients, as
+    cuDNN does? Asked of the meta kernel directly (a transposed convolution, on meta tensors, no compute)."""
+    x = torch.empty(2, 4, 3, 3, device="meta").to(memory_format=torch.channels_last)
+    w, grad = torch.empty(4, 2, 3, 3, device="meta"), torch.empty(2, 2, 5, 5, device="meta")
+    grad_x, _, _ = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1,
+                                                       [True, True, False])
+    return grad_x.is_contiguous(memory_format=torch.channels_last)
+
+
+def compile_networks(model: torch.nn.Module, options: dict | None = None) -> None:
     """trainer.compile: every network of the family (G, D and G's EMA; the VAE's encoder and decoder)
-    compiled by torch.compile with TorchInductor, in place, so state-dict keys and checkpoints stay as they
-    are. Each network is compiled apart rather than a whole phase at once: a GAN's gradient penalties
-    differentiate D twice, which a compiled graph does not (they call D's plain forward, models/losses.py)."""
+    compiled by torch.compile with TorchInductor (and these inductor `options`), in place, so state-dict
+    keys and checkpoints stay as they are. Each network is compiled apart rather than a whole phase at
+    once: a GAN's gradient penalties differentiate D twice, which a compiled graph does not (they call D's
+    plain forward, models/losses.py). Inside a CUDA graph (trainer.cuda_graphs) the compiled kernels are
+    captured like any other: the graph is gentrain's own, so inductor's own CUDA graphs stay off."""
     for net in model.children():
-        net.compile()
+        net.compile(options=options or None)
 
 
 class StepGraphs:

@@ -29,11 +29,12 @@ log = logging.getLogger("gentrain")
 
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
-          meta: dict, seed: int, what: str, resume: checkpoint.Checkpoint | None = None, evaluate=None,
+          speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str, resume: checkpoint.Checkpoint | None = None, evaluate=None,
           best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
-    its first log line; `amp` is the autocast dtype (None: fp32); `loggers` get what metrics.jsonl gets.
+    its first log line; `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
+    `loggers` get what metrics.jsonl gets.
 
     `evaluate(model) -> {name: score}` runs every t.eval_every steps; the checkpoint with the best score
     `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt. Toy data's samples are
@@ -41,16 +42,16 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     """
     # Setup: restore the state of a resumed run, then the step, the fixed noise of the sample grids.
     scalers = {o: torch.amp.GradScaler(device.type, enabled=amp is torch.float16) for o in optimizers}
-    step, seconds, best, meter = 0, 0.0, None, Meter()
+    step, seconds, best, meter = 0, 0.0, None, Meter(device)
     if resume is not None:
         state = checkpoint.restore(resume, model, optimizers, scalers, device)
         step, seconds, best = state.step, state.seconds, state.best
         meter.load_state_dict(state.log, step, device)
     dist.broadcast_(model)
-    if t.compile:
-        fast.compile_networks(model)
-    run_phases = Step(model, optimizers, scalers, device, amp, cache=not t.cuda_graphs)
-    graphs = fast.StepGraphs(run_phases, device) if t.cuda_graphs else None
+    if speed.compile:
+        fast.compile_networks(model, speed.compile_options)
+    run_phases = Step(model, optimizers, scalers, device, amp, cache=not speed.cuda_graphs)
+    graphs = fast.StepGraphs(run_phases, device) if speed.cuda_graphs else None
     # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
@@ -59,9 +60,6 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     report.start(step, meter.logged_at, lambda: reference if reference is not None else batches(0)[0][:t.n_samples],
                  grid)
     clock = Clock(seconds, step)
-    # The first step whose loss was not finite, kept on the device: reading it costs a host sync, so it
-    # is read only where the loop syncs anyway (log, sample and checkpoint steps).
-    bad_step = torch.tensor(-1, device=device)
 
     def save(done: int, path: Path, also: Path | None = None, preempted: bool = False) -> None:
         if report.writes:
@@ -69,18 +67,16 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                                                       device, meter.state_dict(), best, preempted), path, also)
 
     with _StopOnSignal() as stop, logging_redirect_tqdm():
-        how = [str(amp) if amp else "", "channels_last" if batches.layout is torch.channels_last else "",
-               "torch.compile" if t.compile else "", "CUDA graphs" if graphs else ""]
-        log.info("training %s on %s%s, from step %d to %d, run folder %s", what, _where(device, t.batch_size),
-                 "".join(f" with {h}" for h in how if h), step, t.steps, run_dir)
+        how = [str(amp)] * (amp is not None) + speed.describe()
+        uncaptured = f" (not captured as a CUDA graph: {speed.uncaptured})" if speed.uncaptured else ""
+        log.info("training %s on %s%s, from step %d to %d, run folder %s%s", what, _where(device, t.batch_size),
+                 "".join(f" with {h}" for h in how), step, t.steps, run_dir, uncaptured)
         while step < t.steps:
             # Train: every phase that falls on this step, each on its own batch.
             phases = tuple(p for p in model.phases if step % p.every == 0)
             runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
             inputs = [batches(step * draws + r) for r in runs]
-            for loss, stats in (graphs or run_phases)(phases, inputs, step):
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-                meter.add(stats)
+            meter.add(step, (graphs or run_phases)(phases, inputs, step))
             step += 1
             report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
@@ -91,7 +87,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
             last = step == t.steps or timed_out
             if last or stopping or any(every and step % every == 0 for every in
                                        (t.log_every, t.sample_every, t.ckpt_every, t.eval_every)):
-                _check_finite(bad_step, step, report.last)  # nothing is logged, drawn or saved from a diverged model
+                _check_finite(meter.bad_step(), step, report.last)  # nothing is logged, drawn or saved from a diverged model
 
             # Log: the interval's mean of every number (one host sync for all of them) and the throughput.
             if step % t.log_every == 0 or last:
@@ -142,56 +138,96 @@ class Step:
                  cache: bool = True):
         self.model, self.optimizers, self.scalers, self.device, self.amp = model, optimizers, scalers, device, amp
         self.cache = cache  # autocast's weight cache; a CUDA graph cannot hold it
+        self.params = {o: list(model.phase_parameters(o)) for o in optimizers}
+        self.training = None  # the optimizer whose parameters collect gradients now
 
     def __call__(self, phases, inputs: list[tuple], step: int | torch.Tensor) -> list[tuple]:
-        model, out = self.model, []
+        out = []
         for phase, (x, y) in zip(phases, inputs):
-            # Only this phase's parameters collect gradients (G's step does not fill D's .grad).
-            model.requires_grad_(False)
-            for p in model.phase_parameters(phase.opt):
-                p.requires_grad_(True)
+            self.train_only(phase.opt)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                                 cache_enabled=self.cache):
-                loss, stats = model.loss(phase.name, x, y, step)
+                loss, stats = self.model.loss(phase.name, x, y, step)
             optimizer, scaler = self.optimizers[phase.opt], self.scalers[phase.opt]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            dist.average_gradients(model.phase_parameters(phase.opt))
+            dist.average_gradients(self.params[phase.opt])
             scaler.step(optimizer)
             scaler.update()
-            model.after_step(phase.name, step)
+            self.model.after_step(phase.name, step)
             out.append((loss.detach(), stats))
         return out
+
+    def train_only(self, opt: str) -> None:
+        """Only `opt`'s parameters collect gradients (G's step does not fill D's .grad, nor compute it),
+        switched when the optimizer changes from the phase before, not every phase."""
+        if opt == self.training:
+            return
+        if self.training is None:
+            self.model.requires_grad_(False)
+        else:
+            for p in self.params[self.training]:
+                p.requires_grad_(False)
+        for p in self.params[opt]:
+            p.requires_grad_(True)
+        self.training = opt
 
 
 class Meter:
     """Sums of the numbers the steps log, kept on the device until a log step reads them all at once; each
-    number's mean is over the runs that reported it (a lazy penalty reports every few steps)."""
+    number's mean is over the runs that reported it (a lazy penalty reports every few steps). It also
+    keeps the first step whose loss was not finite, on the device, read where the loop syncs anyway.
 
-    def __init__(self):
+    A step costs a fixed handful of kernels, however many numbers it logs: its losses and numbers are
+    stacked into one vector, added to the sum of the steps with the same numbers, and checked at once."""
+
+    NEVER = 2 ** 62  # first_bad before any step went wrong
+
+    def __init__(self, device: torch.device | None = None):
         self.sums, self.counts, self.logged_at = {}, {}, 0
+        self.first_bad = torch.tensor(self.NEVER, device=device)
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
-        # New tensors, not in-place sums: a CUDA graph's outputs are overwritten by its next replay.
-        for k, v in stats.items():
-            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float().clone()
+    def add(self, step: int | torch.Tensor, runs: list[tuple[torch.Tensor, dict]]) -> None:
+        keys = tuple(k for _, stats in runs for k in stats)
+        # One new vector: a CUDA graph's outputs are overwritten by its next replay.
+        values = torch.stack([loss for loss, _ in runs] + [v for _, stats in runs for v in stats.values()]).float()
+        ok = torch.isfinite(values[:len(runs)].sum())  # NaN and inf survive the sum
+        self.first_bad = torch.minimum(self.first_bad, torch.where(ok, self.NEVER, step))
+        numbers = values[len(runs):]
+        self.sums[keys] = self.sums[keys] + numbers if keys in self.sums else numbers
+        for k in keys:
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def bad_step(self) -> int | None:
+        """The first step whose loss was not finite (the same on every rank), or None; a host sync."""
+        bad = int(dist.minimum(self.first_bad))
+        return None if bad == self.NEVER else bad
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for keys, vector in self.sums.items():
+            for k, v in zip(keys, vector):
+                out[k] = out[k] + v if k in out else v
+        return out
+
     def means(self) -> dict[str, float]:
-        totals = dist.mean(torch.stack(list(self.sums.values()))).tolist()  # one host sync for all of them
-        return {k: total / self.counts[k] for k, total in zip(self.sums, totals)}
+        totals = self.totals()
+        values = dist.mean(torch.stack(list(totals.values()))).tolist()  # one host sync for all of them
+        return {k: total / self.counts[k] for k, total in zip(totals, values)}
 
     def reset(self, step: int) -> None:
         self.sums, self.counts, self.logged_at = {}, {}, step
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "counts": self.counts, "logged_at": self.logged_at}
+        return {"sums": {k: v.cpu() for k, v in self.totals().items()}, "counts": self.counts,
+                "logged_at": self.logged_at}
 
     def load_state_dict(self, state: dict, step: int, device: torch.device) -> None:
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        sums = state["sums"]
+        self.sums = {tuple(sums): torch.stack([v.float() for v in sums.values()]).to(device)} if sums else {}
         self.logged_at = state["logged_at"]
         # runs from before the counts were kept logged one number per step
-        self.counts = state.get("counts", {k: step - self.logged_at for k in self.sums})
+        self.counts = state.get("counts", {k: step - self.logged_at for k in sums})
 
 
 class Clock:
@@ -353,9 +389,8 @@ def _where(device: torch.device, batch_size: int) -> str:
     return str(device)
 
 
-def _check_finite(bad_step: torch.Tensor, done: int, last: Path) -> None:
-    bad = int(dist.maximum(bad_step))  # every rank sees the same answer
-    if bad >= 0:
+def _check_finite(bad: int | None, done: int, last: Path) -> None:
+    if bad is not None:
         kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
         stop_all(GentrainError(f"loss became NaN/inf at step {bad + 1}; stopped at step {done} without saving "
                                f"({kept}); lower optim.lr or use trainer.precision=fp32"))

@@ -228,19 +228,19 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     use_fast_kernels(device)
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = fast.channels_last(t.channels_last, device, facts.points)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
-    make_optimizer = optimizer_factory(cfg.optim, device, capturable=t.cuda_graphs)
+    speed = fast.plan(t, device, amp, dist.world_size(), facts.points)
+    model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()
+    make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
-                           d.get("hflip", False), d.get("workers", 4), channels_last=channels_last)
+                           d.get("hflip", False), d.get("workers", 4), channels_last=speed.channels_last)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     report_to = loggers.build(t.loggers, run_dir, config, ckpt.step if ckpt else 0, t.wandb_project) if main_rank else []
     size = f"{len(train_data)} points" if facts.points else \
         f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
-    loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp,
+    loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp, speed=speed,
                meta=checkpoint.meta(config, facts, choices(ckpt), branched_from), loggers=report_to,
                seed=cfg.seed,
                what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
