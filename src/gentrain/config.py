@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gentrain import data, dist, fast, models
-from gentrain.checks import LARGEST, anything, boolean, choice, integer, list_of, number, positive, text
+from gentrain.checks import anything, boolean, choice, integer, list_of, number, positive, text
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
 from gentrain.loggers import LOGGERS

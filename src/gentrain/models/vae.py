@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gentrain.checks import integer, positive
+from gentrain.checks import integer
 from gentrain.data import DataFacts
 from gentrain.dist import per_example
 from gentrain.errors import GentrainError

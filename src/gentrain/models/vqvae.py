@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gentrain import dist
-from gentrain.checks import integer, positive
+from gentrain.checks import integer
 from gentrain.data import DataFacts
 from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
