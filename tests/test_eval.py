@@ -168,6 +168,25 @@ def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):
     assert_one_line_error(gentrain("eval", f"ckpt={tmp_path / 'missing.pt'}", check=False), "not found")
     assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", "dataset=fashion_mnist", check=False),
                           "drop dataset=")
+    assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", "precision=fp64", check=False),
+                          "precision must be one of auto|fp32|bf16|fp16, got 'fp64'")
+
+
+def test_eval_draws_its_samples_in_the_precision_asked_for(gentrain, metrics_cache, runs, tmp_path):
+    """precision=bf16 runs the generator under bf16 autocast (auto does on a GPU): the samples move by a
+    few of bf16's roundings, and the scores with them."""
+    from gentrain import checkpoint
+    from gentrain.metrics.evaluator import draw
+
+    model, _ = checkpoint.load_model(runs / "gan", torch.device("cpu"))
+    fp32, _ = draw(model, 64, 0, torch.device("cpu"), batch_size=32)
+    bf16, _ = draw(model, 64, 0, torch.device("cpu"), batch_size=32, amp=torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.uint8
+    assert 0 < (fp32.int() - bf16.int()).abs().max() <= 8
+    evaluate(gentrain, metrics_cache, runs / "gan", "precision=bf16", "metrics=[fid]", f"out={tmp_path / 'bf16.json'}")
+    evaluate(gentrain, metrics_cache, runs / "gan", "precision=fp32", "metrics=[fid]", f"out={tmp_path / 'fp32.json'}")
+    scores = [json.loads((tmp_path / f"{p}.json").read_text())["metrics"]["fid@classifier"] for p in ("bf16", "fp32")]
+    assert scores[0] != scores[1] and scores[0] == pytest.approx(scores[1], rel=0.05)
 
 
 def test_training_evaluates_logs_and_keeps_the_best_checkpoint(gentrain, metrics_cache, tmp_path):

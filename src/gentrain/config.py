@@ -70,7 +70,7 @@ SCHEMAS = {
                "data_root": text(optional=True), "nrow": integer(1, optional=True),
                "class": integer(0, optional=True), "ema": boolean},
     "eval": {"ckpt": text(optional=True), "n": integer(2, 1_000_000), "seed": SEED, "out": text(optional=True),
-             "device": DEVICE, "batch_size": integer(1), "data_root": text(optional=True), "ema": boolean,
+             "device": DEVICE, "precision": choice("auto", "fp32", "bf16", "fp16"), "batch_size": integer(1), "data_root": text(optional=True), "ema": boolean,
              "metrics": METRICS_KEYS, "dataset": DATASET},
     "encode": {"ckpt": text(), "input": text(), "out": text(), "n": integer(1, optional=True), "device": DEVICE,
                "batch_size": integer(1), "data_root": text(optional=True),

@@ -18,13 +18,13 @@ def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     return torch.device(name)
 
 
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+def pick_precision(name: str, device: torch.device, key: str = "trainer.precision") -> torch.dtype | None:
     """trainer.precision -> the autocast dtype, or None for plain fp32. auto: bf16 on a GPU that has it."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else None
     if name not in PRECISIONS:
-        raise GentrainError(f"trainer.precision must be one of auto|{'|'.join(PRECISIONS)}, got {name!r}")
+        raise GentrainError(f"{key} must be one of auto|{'|'.join(PRECISIONS)}, got {name!r}")
     return PRECISIONS[name]
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from gentrain import checkpoint, data, files
 from gentrain.config import check, config_dir
-from gentrain.device import pick_device
+from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, reported
 from gentrain.metrics.evaluator import Evaluator
 
@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> None:
     else:
         raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
     files.check_writable(out)
-    evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device)
+    evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device,
+                          amp=pick_precision(cfg.precision, device, key="precision"), batch_size=cfg.batch_size)
     if not evaluator.compute:
         raise GentrainError("nothing to compute: " + "; ".join(f"{m} {why}" for m, why in evaluator.skipped.items()))
     if model is None:

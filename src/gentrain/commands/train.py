@@ -219,12 +219,12 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
         train_data = data.load(d, split="train", streamable=True)
     facts = train_data.facts
     model = models.build(cfg.model, *facts)
+    amp = pick_precision(t.precision, device)
     evaluate = best_by = None
     if t.eval_every and main_rank:
-        evaluate = Evaluator(cfg.metrics, d, model.capabilities, t.eval_n, cfg.seed, device, nll_n=t.eval_n)
+        evaluate = Evaluator(cfg.metrics, d, model.capabilities, t.eval_n, cfg.seed, device, nll_n=t.eval_n, amp=amp)
         best_by = evaluate.key(t.eval_metric)
 
-    amp = pick_precision(t.precision, device)
     use_fast_kernels(device)
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

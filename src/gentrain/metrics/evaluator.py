@@ -38,12 +38,13 @@ def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
     return path
 
 
-def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500):
-    """n samples on the CPU from seeded noise (the same seed gives the same samples): uint8 images, or
-    a toy model's points; and the classes they were drawn for (each in turn), None if unconditional."""
+def draw(model, n: int, seed: int, device: torch.device, batch_size: int = 500, amp: torch.dtype | None = None):
+    """n samples on the CPU from seeded noise (the same seed gives the same samples), drawn under autocast
+    to `amp`: uint8 images, or a toy model's points; and the classes they were drawn for (each in turn),
+    None if unconditional."""
     z = model.noise(n, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(n) % model.num_classes if model.num_classes else None
-    samples = generate(model, z, device, batch_size, y)
+    samples = generate(model, z, device, batch_size, y, amp)
     return (samples if samples.ndim == 2 else to_uint8(samples)), y
 
 
@@ -51,8 +52,10 @@ class Evaluator:
     """Everything metrics need that does not depend on the model, loaded once."""
 
     def __init__(self, metrics_cfg, dataset_cfg, capabilities: frozenset | None, n: int, seed: int,
-                 device: torch.device, nll_n: int | None = None):
-        """`capabilities` are the model's (None: real images, the floor)."""
+                 device: torch.device, nll_n: int | None = None, amp: torch.dtype | None = None,
+                 batch_size: int = 500):
+        """`capabilities` are the model's (None: real images, the floor); samples are drawn batch_size at a
+        time under autocast to `amp` (bf16 on a GPU: the model's forward passes are most of a GPU's eval)."""
         compute = list(metrics_cfg.compute)
         unknown = [m for m in compute if m not in METRICS]
         if unknown or not compute:
@@ -65,6 +68,7 @@ class Evaluator:
         if "nll" in self.compute and no_iwae_reason(capabilities):  # its rate and distortion are still measured
             self.skipped["nll"] = no_iwae_reason(capabilities)
         self.cfg, self.dataset_cfg, self.n, self.seed, self.device = metrics_cfg, dataset_cfg, n, seed, device
+        self.amp, self.batch_size = amp, batch_size
         # Building the feature network (perhaps training it) must not move the global RNG of a
         # training run that is being watched.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -116,7 +120,7 @@ class Evaluator:
         (a VQ-VAE: its rate and distortion)."""
         scored = {}
         if self.space or self.class_space or "modes" in self.compute:
-            scored = self.score_images(*draw(model, self.n, self.seed, self.device))
+            scored = self.score_images(*draw(model, self.n, self.seed, self.device, self.batch_size, self.amp))
         if "nll" in self.compute:
             scored |= self.likelihood(model)
         return scored
