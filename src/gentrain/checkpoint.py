@@ -85,6 +85,18 @@ class Checkpoint:
     def describe(self) -> str:
         return f"{self.path} ({self.family}, step {self.step})"
 
+    def sampling_prior(self, kind: str) -> dict | None:
+        """The sampling prior of this kind fitted to these weights (gentrain sample|eval prior=KIND), if any."""
+        return self.state.get("sampling_priors", {}).get(kind)
+
+
+def store_sampling_prior(ckpt: Checkpoint, kind: str, prior: dict) -> None:
+    """Keep a sampling prior fitted to a checkpoint's weights in the checkpoint itself, rewritten atomically
+    with everything else unchanged. A run that resumes from it writes checkpoints without it: new
+    weights need a prior of their own."""
+    ckpt.state.setdefault("sampling_priors", {})[kind] = prior
+    save({k: v for k, v in ckpt.state.items() if k not in ("format", "version", "digest")}, ckpt.path)
+
 
 def meta(config: dict, facts: DataFacts, choices: dict | None = None, branched_from: dict | None = None) -> dict:
     """What every checkpoint of a run says about it: its family, resolved config and dataset facts, the

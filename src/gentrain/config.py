@@ -20,6 +20,7 @@ from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
 from gentrain.loggers import LOGGERS
 from gentrain.metrics import METRICS, SCORES, skipped_metrics
+from gentrain.models.prior import KINDS as PRIOR_KINDS
 
 # The config groups: on resume these cannot change, only keys inside them.
 GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
@@ -35,6 +36,7 @@ def config_dir() -> Path:
 
 
 DEVICE = choice("auto", "cpu", "cuda")
+PRIOR = choice(*PRIOR_KINDS)
 SEED = integer(0, 2 ** 63 - 1)
 
 TRAINER = {
@@ -68,9 +70,10 @@ SCHEMAS = {
     "sample": {"ckpt": text(), "n": integer(1, 1_000_000), "seed": SEED, "out": text(optional=True),
                "mode": choice("grid", "interpolate", "reconstruct"), "device": DEVICE, "batch_size": integer(1),
                "data_root": text(optional=True), "nrow": integer(1, optional=True),
-               "class": integer(0, optional=True), "ema": boolean},
+               "class": integer(0, optional=True), "ema": boolean, "prior": PRIOR, "prior_components": integer(1, 1000)},
     "eval": {"ckpt": text(optional=True), "n": integer(2, 1_000_000), "seed": SEED, "out": text(optional=True),
-             "device": DEVICE, "precision": choice("auto", "fp32", "bf16", "fp16"), "batch_size": integer(1), "data_root": text(optional=True), "ema": boolean,
+             "device": DEVICE, "precision": choice("auto", "fp32", "bf16", "fp16"), "batch_size": integer(1),
+             "data_root": text(optional=True), "ema": boolean, "prior": PRIOR, "prior_components": integer(1, 1000),
              "metrics": METRICS_KEYS, "dataset": DATASET},
     "encode": {"ckpt": text(), "input": text(), "out": text(), "n": integer(1, optional=True), "device": DEVICE,
                "batch_size": integer(1), "data_root": text(optional=True),

@@ -8,7 +8,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data, files
+from gentrain import checkpoint, data, files, priors
 from gentrain.config import check, config_dir
 from gentrain.device import pick_device, pick_precision
 from gentrain.errors import GentrainError, reported
@@ -45,6 +45,10 @@ def main(cfg: DictConfig) -> None:
     else:
         raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
     files.check_writable(out)
+    prior = None
+    if model is not None and cfg.prior != "gaussian":
+        prior = priors.use(model, ckpt, cfg.prior, cfg.prior_components, device, cfg.data_root, cfg.batch_size)
+        print(f"prior={cfg.prior}: {prior}")
     evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device,
                           amp=pick_precision(cfg.precision, device, key="precision"), batch_size=cfg.batch_size)
     if not evaluator.compute:
@@ -58,6 +62,7 @@ def main(cfg: DictConfig) -> None:
     result = {"what": what, "ckpt": None if ckpt is None else str(ckpt.path),
               "family": None if ckpt is None else ckpt.family, "step": None if ckpt is None else ckpt.step,
               "dataset": dataset_cfg.name, "n": cfg.n, "seed": cfg.seed, "spaces": evaluator.describe(),
+              **({"prior": {"kind": cfg.prior, "components": cfg.prior_components, "what": prior}} if prior else {}),
               "metrics": metrics, "skipped": evaluator.skipped}
     if "distortion" in metrics:
         result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),

@@ -6,7 +6,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gentrain import checkpoint, data, files
+from gentrain import checkpoint, data, files, priors
 from gentrain.config import check, config_dir
 from gentrain.device import pick_device
 from gentrain.errors import GentrainError, reported
@@ -97,6 +97,9 @@ def main(cfg: DictConfig) -> None:
     if not folder:
         image_format(out)  # an image extension, checked before the work
     files.check_writable(out, folder)
+    if cfg.prior != "gaussian":
+        print(f"prior={cfg.prior}: " + priors.use(model, ckpt, cfg.prior, cfg.prior_components, device,
+                                                  cfg.data_root, cfg.batch_size))
     images, nrow = images_for(cfg, model, ckpt, device)
     reference = None
     if images.ndim == 2:  # a toy model's points: one scatter plot over the dataset's test points

@@ -60,6 +60,7 @@ LIKELIHOOD = "likelihood"    # a bound on -log p(x) split into rate and distorti
 IWAE = "iwae"                # importance weights of q(z|x), for the IWAE estimate of log p(x)
 CODEC = "codec"              # images <-> codes, with what a code costs (gentrain encode/decode)
 BITSTREAM = "bitstream"      # discrete codes under a causal prior: an arithmetic-coded file (encode out=*.gtc)
+LATENT_PRIOR = "latent_prior"  # continuous codes whose sampling prior can be a density fitted after training
 
 
 @runtime_checkable
@@ -122,5 +123,14 @@ class EntropyCoded(Protocol):
         read only the cells before it."""
 
 
+@runtime_checkable
+class FittedPrior(Protocol):
+    latent_prior: object  # None: N(0, I); else a fitted density with sample(n, generator) (models/prior.py)
+
+    def posterior_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (and classes) -> the means of q(z|x), flat (N, D): what a sampling prior is
+        fitted to. noise() draws from latent_prior while it is set."""
+
+
 PROTOCOLS = {EMA: HasEMA, RECONSTRUCT: Reconstructs, INTERPOLATE: Interpolates, LIKELIHOOD: HasLikelihood,
-             IWAE: ImportanceWeighted, CODEC: Codec, BITSTREAM: EntropyCoded}
+             IWAE: ImportanceWeighted, CODEC: Codec, BITSTREAM: EntropyCoded, LATENT_PRIOR: FittedPrior}

@@ -13,7 +13,7 @@ from gentrain.data import DataFacts
 from gentrain.dist import per_example
 from gentrain.errors import GentrainError
 from gentrain.models import likelihoods
-from gentrain.models.family import CODEC, IWAE, LIKELIHOOD, RECONSTRUCT, Phase
+from gentrain.models.family import CODEC, IWAE, LATENT_PRIOR, LIKELIHOOD, RECONSTRUCT, Phase
 from gentrain.models.likelihoods import LIKELIHOODS
 from gentrain.models.nets import Decoder, Encoder, plan
 from gentrain.models.resnet import ResDecoder, ResEncoder
@@ -37,8 +37,9 @@ def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 class VAE(nn.Module):
     optimizers = ("vae",)
     phases = (Phase("vae", "vae"),)
-    capabilities = frozenset({RECONSTRUCT, LIKELIHOOD, IWAE, CODEC})
+    capabilities = frozenset({RECONSTRUCT, LIKELIHOOD, IWAE, CODEC, LATENT_PRIOR})
     num_codes = 0  # its codes are real vectors
+    latent_prior = None  # samples' codes from N(0, I); a fitted GaussianMixture while set (gentrain sample prior=gmm)
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 16, ch: int = 64, beta: float = 1.0,
                  likelihood: str = "bernoulli", sigma: float | None = 0.1, binarize: bool = False,
@@ -103,7 +104,17 @@ class VAE(nn.Module):
         pass
 
     def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Codes for samples: from the prior N(0, I), or from the fitted sampling prior while one is set."""
+        if self.latent_prior is not None:
+            return self.latent_prior.sample(n, generator).reshape(n, *self.latent_shape).to(device)
         return torch.randn(n, *self.latent_shape, generator=generator, device=device)
+
+    def eps(self, n: int, device=None) -> torch.Tensor:
+        """The reparameterisation's standard normal draws, eps ~ N(0, I), of n codes."""
+        return torch.randn(n, *self.latent_shape, device=device)
+
+    def posterior_means(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(x, y)[0].flatten(1)
 
     def _cond(self, y):
         return (y,) if self.num_classes else ()
@@ -196,7 +207,7 @@ class VAE(nn.Module):
         """Per image, in nats: the rate KL(q(z|x) || p(z)), what the code costs to send, and the
         distortion -log p(x|z) at one z ~ q(z|x); -ELBO = distortion + rate (Alemi et al. 2018, Sec. 2)."""
         mu, logvar = self.encode(x, y)
-        z = mu + per_example(lambda m: self.noise(m, device=x.device), len(x)) * (0.5 * logvar).exp()
+        z = mu + per_example(lambda m: self.eps(m, device=x.device), len(x)) * (0.5 * logvar).exp()
         return kl_std_normal(mu, logvar), -self.log_px(z, x, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
@@ -215,7 +226,7 @@ class VAE(nn.Module):
         # ELBO (Kingma & Welling 2014, Eq. 10) with the KL weighted by beta (Higgins et al. 2017, Eq. 4):
         #     L = E_q(z|x)[log p(x|z)] - beta * KL(q(z|x) || p(z)),   p(z) = N(0, I)
         # estimated with one reparameterised sample z = mu + sigma * eps.
-        z = mu + std * per_example(lambda m: self.noise(m, device=x.device), len(x))
+        z = mu + std * per_example(lambda m: self.eps(m, device=x.device), len(x))
         recon = -self.log_px(z, x, y)
         kl_dims = kl_per_dim(mu, logvar)
         kl = kl_dims.flatten(1).sum(1)
