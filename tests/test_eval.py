@@ -67,6 +67,7 @@ def test_eval_writes_every_requested_key_and_repeats_exactly(gentrain, metrics_c
     assert all(v >= 0 for k, v in result["metrics"].items() if not k.startswith("kid"))
     evaluate(gentrain, metrics_cache, runs / "gan", f"out={tmp_path / 'again.json'}")
     assert json.loads((tmp_path / "again.json").read_text())["metrics"] == result["metrics"]
+    assert list(tmp_path.glob("*.log")) == []  # the verb logs to the console only, no eval.log where it ran
     evaluate(gentrain, metrics_cache, runs / "gan", "seed=1", f"out={tmp_path / 'seed1.json'}")
     assert json.loads((tmp_path / "seed1.json").read_text())["metrics"] != result["metrics"]
 

@@ -35,6 +35,7 @@ def test_grid_from_checkpoint_alone(gentrain, runs, tmp_path, family):
     proc = gentrain("sample", f"ckpt={runs / family / 'checkpoints' / 'last.pt'}", "n=16", f"out={out}",
                     env={"GENTRAIN_DATA": "/nonexistent"})
     assert str(out) in proc.stdout and "wrote a grid of 16 images" in proc.stdout
+    assert list(tmp_path.glob("*.log")) == []  # the verb logs to the console only, no sample.log where it ran
     size, _ = png(out)
     assert size == (2 + 4 * 30, 2 + 4 * 30)  # 4x4 tiles of 28 px with torchvision's 2 px padding
 
