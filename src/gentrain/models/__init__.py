@@ -116,12 +116,12 @@ def grid_codes(model: Family, n: int, generator: torch.Generator | None = None, 
     return model.noise(classes * cols, generator=generator), torch.arange(classes).repeat_interleave(cols), cols
 
 
-@torch.inference_mode()
 def generate(model: Family, z: torch.Tensor, device, batch_size: int, y: torch.Tensor | None = None,
              amp: torch.dtype | None = None) -> torch.Tensor:
-    """model.sample over the codes z (and class labels y), batch_size at a time on `device` under autocast
-    to `amp` (None: fp32); images in [-1, 1] (or points) on the CPU, in fp32. A progress bar where there is
-    a terminal and more than one batch."""
+    """model.sample over the codes z (and class labels y), batch_size at a time on `device` under inference
+    mode and autocast to `amp` (None: fp32); images in [-1, 1] (or points) on the CPU, in fp32, as an
+    ordinary tensor (inference tensors refuse in-place use outside inference mode). A progress bar where
+    there is a terminal and more than one batch."""
     from tqdm import tqdm
 
     zs = z.split(batch_size)
@@ -131,7 +131,7 @@ def generate(model: Family, z: torch.Tensor, device, batch_size: int, y: torch.T
     device = torch.device(device)
     out = []
     for zb, yb in batches:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             x = model.sample(zb.to(device)) if yb is None else model.sample(zb.to(device), yb.to(device))
-        out.append(x.float().cpu())
-    return torch.cat(out)
+            out.append(x.float().cpu())
+    return torch.cat(out)  # outside inference mode: an ordinary tensor
