@@ -29,8 +29,8 @@ log = logging.getLogger("gentrain")
 
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
-          speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str, resume: checkpoint.Checkpoint | None = None, evaluate=None,
-          best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
+          speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str,
+          resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
     its first log line; `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
