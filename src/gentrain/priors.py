@@ -2,7 +2,6 @@
 trained with, or a Gaussian mixture fitted to the posterior means of its training images
 (models/prior.py), fitted once per checkpoint and kept in it."""
 
-import logging
 import time
 
 import torch
@@ -13,8 +12,6 @@ from gentrain.errors import GentrainError
 from gentrain.images import to_signed
 from gentrain.models.family import LATENT_PRIOR
 from gentrain.models.prior import GaussianMixture
-
-log = logging.getLogger("gentrain")
 
 
 def use(model, ckpt: checkpoint.Checkpoint, kind: str, components: int, device: torch.device,
@@ -51,10 +48,9 @@ def use(model, ckpt: checkpoint.Checkpoint, kind: str, components: int, device: 
 def posterior_means(model, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
                     batch_size: int) -> torch.Tensor:
     """The means of q(z|x) of uint8 images, flat, on the CPU."""
-    out = []
-    chunks = list(zip(images.split(batch_size), labels.split(batch_size) if labels is not None else
-                      [None] * len(range(0, len(images), batch_size))))
-    for x, y in tqdm(chunks, desc="encoding", unit="batch", leave=False, disable=None):
+    out, xs = [], images.split(batch_size)
+    ys = labels.split(batch_size) if labels is not None else [None] * len(xs)
+    for x, y in tqdm(list(zip(xs, ys)), desc="encoding", unit="batch", leave=False, disable=None):
         x = to_signed(x).to(device)
         out.append(model.posterior_means(x, None if y is None else y.to(device)).double().cpu())
     return torch.cat(out)
