@@ -185,8 +185,9 @@ def main(argv=None) -> None:
     jobs += [(train_minutes, name, ov, seed, sorted(a.minutes)) for name, ov in configs.items() for seed in a.seeds if a.minutes]
     with ThreadPoolExecutor(a.jobs) as pool:
         trained = [p for ps in pool.map(lambda j: j[0](*j[1:], a, a.out), jobs) for p in ps]
-        vae = lambda p: torch.load(p["ckpt"], map_location="cpu", weights_only=True)["family"] == "vae"
-        todo = [(p, prior, vae(p)) for p in trained for prior in a.priors if prior == "gaussian" or vae(p)]
+        vae = [torch.load(p["ckpt"], map_location="cpu", weights_only=True)["family"] == "vae" for p in trained]
+        todo = [(p, prior, is_vae) for p, is_vae in zip(trained, vae) for prior in a.priors
+                if prior == "gaussian" or is_vae]
         points = list(pool.map(lambda t: score(*t, a, a.out), todo))
 
     rows = summary(points)
