@@ -10,10 +10,10 @@ minutes, one line per config, the seeds' spread shaded).
         --steps 2000 5000 --priors gaussian gmm --out curves/fashion_vae
 
 Step budgets: one run per config and seed to the largest budget, keeping a checkpoint at each
-(trainer.keep_every); each checkpoint's training time (which excludes evaluation) places it on the
-minutes axis too. Minute budgets: one run per config and seed stopped by trainer.max_minutes at each
-budget in turn and resumed to the next, so equal minutes compare configs at equal cost. Runs go --jobs at
-a time with one CPU thread each (two at a time on a 2-core machine, as scripts/mode_collapse.py).
+(trainer.keep_every; a later curve with a larger budget resumes that run); each checkpoint's training
+time (which excludes evaluation) places it on the minutes axis too. Minute budgets: one run per config
+and seed stopped by trainer.max_minutes at each budget in turn and resumed to the next, so equal minutes
+compare configs at equal cost. Runs go --jobs at a time with one CPU thread each (two at a time on a 2-core machine, as scripts/mode_collapse.py).
 `--priors gaussian gmm` scores a VAE's checkpoints with each sampling prior (`prior=gmm`: the Gaussian
 mixture fitted to its posterior means); the NLL does not depend on it and is scored once.
 """
@@ -48,12 +48,18 @@ def train_steps(name: str, overrides: list[str], seed: int, steps: list[int], a,
     """One run to the largest step budget, a checkpoint kept at each; the checkpoints to score."""
     run = out / "runs" / f"{name}-seed{seed}"
     keep = math.gcd(*steps)
-    if not (run / "checkpoints" / f"step_{max(steps):07d}.pt").exists():
-        shutil.rmtree(run, ignore_errors=True)
-        gentrain([*overrides, f"dataset={a.dataset}", f"seed={seed}", f"trainer.device={a.device}",
-                  f"trainer.steps={max(steps)}", f"trainer.keep_every={keep}", f"trainer.ckpt_every={keep}",
-                  f"trainer.sample_every={max(steps)}", "trainer.loggers=[jsonl]", f"hydra.run.dir={run}",
-                  *a.train_args], out / "train.log")
+    kept = lambda s: run / "checkpoints" / f"step_{s:07d}.pt"
+    every = [f"trainer.steps={max(steps)}", f"trainer.keep_every={keep}", f"trainer.ckpt_every={keep}",
+             f"trainer.sample_every={max(steps)}"]
+    if not kept(max(steps)).exists():
+        last = run / "checkpoints" / "last.pt"
+        done = torch.load(last, map_location="cpu", weights_only=True)["step"] if last.exists() else 0
+        if done and all(kept(s).exists() for s in steps if s <= done):  # a shorter curve's run: go on from it
+            gentrain([f"resume={run}", *every], out / "train.log")  # (a resume continues as one run would)
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            gentrain([*overrides, f"dataset={a.dataset}", f"seed={seed}", f"trainer.device={a.device}",
+                      *every, "trainer.loggers=[jsonl]", f"hydra.run.dir={run}", *a.train_args], out / "train.log")
     return [{"config": name, "seed": seed, "budget": "steps", "ckpt": str(run / "checkpoints" / f"step_{s:07d}.pt")}
             for s in steps]
 

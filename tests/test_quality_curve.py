@@ -39,3 +39,17 @@ def test_the_quality_curve_trains_scores_and_draws_two_configs(tmp_path, data_ro
     table = (out / "curve.md").read_text()
     assert "| gan | 2 steps | 2 |" in table and "| vae | 0.006 min |" in table
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A longer curve goes on from the shorter one's run: its checkpoints and their scores stay as they were.
+    kept = out / "runs" / "gan-seed0" / "checkpoints" / "step_0000004.pt"
+    before = kept.stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "quality_curve.py"), "--dataset", "mnist",
+                           "--config", f"gan=model=gan {small}", "--steps", "2", "4", "6", "--seeds", "0",
+                           "--n", "100", "--eval-args", f"metrics.cache_dir={cache}", "--out", str(out)],
+                          env={**os.environ, "GENTRAIN_DATA": str(data_root)}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert kept.stat().st_mtime_ns == before
+    steps = sorted(p["step"] for p in json.loads((out / "curve.json").read_text())["points"])
+    assert steps == [2, 4, 6]
+    assert "from step 4 to 6" in (out / "train.log").read_text()
