@@ -30,7 +30,7 @@ ROWS = {
     "best": [],
 }
 DESCRIPTION = {
-    "plain": "plain GAN: non-saturating loss, gentrain's GAN optimizer Adam(2e-4, betas 0.5/0.999)",
+    "plain": "plain GAN: non-saturating loss, DCGAN's optimizer Adam(2e-4, betas 0.5/0.999)",
     "wgan_gp": "WGAN-GP, 5 critic steps, Adam(1e-4, betas 0/0.9)",
     "hinge_sn": "hinge loss + spectral norm",
     "ns_r1": "non-saturating + R1 (gamma 0.1)",
