@@ -23,19 +23,13 @@ def weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-def assert_close_runs(a: Path, b: Path, rtol: float, atol: float) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=rtol, atol=atol), k
-
-
 def assert_same_training(a: Path, b: Path, rel: float = 1e-2) -> None:
-    """Two CUDA runs of the same steps, through different kernels: each weight tensor within `rel` of the
-    other's norm. Not element by element: TF32 and cuDNN's algorithm choice round differently, and Adam's
-    normalised step turns a rounding on a gradient near zero into a full step of the learning rate (about
-    a tenth of a DCGAN weight's size after a few steps), so single elements can differ by far more than the
-    tensors do."""
+    """Two runs of the same steps through different kernels: each weight tensor within `rel` of the other's
+    norm. Not element by element: fused kernels (inductor's, cuDNN's algorithm choice, TF32) sum in another
+    order, and Adam's normalised step turns a rounding on a gradient near zero into a full step of the
+    learning rate, so single elements can differ by far more than the tensors do (compiled on the CPU, after
+    3 steps at lr 4e-4: elements up to 5e-5 apart, every tensor within 1e-4 of the plain run's). A step that
+    computed something else moves whole tensors."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -55,10 +49,7 @@ def test_fast_switches_take_the_plain_steps(gentrain, tmp_path, switch, device):
     gentrain(*plain, f"hydra.run.dir={tmp_path / 'plain'}")
     proc = gentrain(*plain, switch, f"hydra.run.dir={tmp_path / 'fast'}", timeout=600)
     assert ("channels_last" if "channels" in switch else "torch.compile") in proc.stderr + proc.stdout
-    if device == "cpu":
-        assert_close_runs(tmp_path / "plain", tmp_path / "fast", rtol=1e-3, atol=1e-5)
-    else:
-        assert_same_training(tmp_path / "plain", tmp_path / "fast")
+    assert_same_training(tmp_path / "plain", tmp_path / "fast", rel=1e-3 if device == "cpu" else 1e-2)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
