@@ -13,7 +13,8 @@ Step budgets: one run per config and seed to the largest budget, keeping a check
 (trainer.keep_every; a later curve with a larger budget resumes that run); each checkpoint's training
 time (which excludes evaluation) places it on the minutes axis too. Minute budgets: one run per config
 and seed stopped by trainer.max_minutes at each budget in turn and resumed to the next, so equal minutes
-compare configs at equal cost. Runs go --jobs at a time with one CPU thread each (two at a time on a 2-core machine, as scripts/mode_collapse.py).
+compare configs at equal cost. Runs go --jobs at a time with one CPU thread each (two at a time on a
+2-core machine, as scripts/mode_collapse.py).
 `--priors gaussian gmm` scores a VAE's checkpoints with each sampling prior (`prior=gmm`: the Gaussian
 mixture fitted to its posterior means); the NLL does not depend on it and is scored once.
 """
