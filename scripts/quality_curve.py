@@ -61,8 +61,7 @@ def train_steps(name: str, overrides: list[str], seed: int, steps: list[int], a,
             shutil.rmtree(run, ignore_errors=True)
             gentrain([*overrides, f"dataset={a.dataset}", f"seed={seed}", f"trainer.device={a.device}",
                       *every, "trainer.loggers=[jsonl]", f"hydra.run.dir={run}", *a.train_args], out / "train.log")
-    return [{"config": name, "seed": seed, "budget": "steps", "ckpt": str(run / "checkpoints" / f"step_{s:07d}.pt")}
-            for s in steps]
+    return [{"config": name, "seed": seed, "budget": "steps", "ckpt": str(kept(s))} for s in steps]
 
 
 def train_minutes(name: str, overrides: list[str], seed: int, minutes: list[float], a, out: Path) -> list[dict]:
