@@ -21,7 +21,8 @@ def compose_train(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "optim", "trainer", "experiment", "hparams_search"])
+@pytest.mark.parametrize("group", ["model", "dataset", "optim", "optim/scheduler", "trainer", "experiment",
+                                   "hparams_search"])
 def test_every_option_of_every_group_composes(group):
     assert options(group), f"configs/{group} is empty"
     for choice in options(group):
@@ -84,6 +85,23 @@ def test_data_root_defaults_to_user_cache_and_follows_env(monkeypatch):
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(GentrainError, match=message):
         check_train(compose_train(override))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.scheduler._target_=os.system", "optim.scheduler._target_ must name a torch.optim.lr_scheduler class"),
+    ("+optim.scheduler.gamma=0.5", "optim.scheduler.gamma is not a key of gentrain; did you mean"),
+])
+def test_a_learning_rate_schedule_is_checked_like_the_optimizer(override, message):
+    with pytest.raises(GentrainError, match=message):
+        check_train(compose_train("optim/scheduler=linear", override))
+
+
+def test_every_optimizer_keeps_a_constant_learning_rate_unless_asked():
+    for optim in options("optim"):
+        assert "scheduler" not in compose_train(f"optim={optim}").optim
+    for family in ("gan", "vae", "vqvae"):
+        cfg = compose_train(f"model={family}", "optim/scheduler=cosine", "trainer.steps=300")
+        assert cfg.optim.scheduler.T_max == 300 and cfg.optim._target_ == "torch.optim.Adam"
 
 
 def test_configs_ship_beside_the_package_or_in_the_checkout():

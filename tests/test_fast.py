@@ -242,6 +242,26 @@ def test_cuda_graphs_train_and_resume_through_the_cli(gentrain, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["D/loss"])) for r in records)
 
 
+@cuda
+def test_a_captured_step_follows_the_learning_rate_schedule(gentrain, tmp_path):
+    """optim/scheduler=linear under CUDA graphs: the captured step reads the learning rate that the
+    scheduler sets in place (a float would stay baked into the graph). It trains as the eager run does,
+    a resume captures again at the schedule's point, and past the schedule's end (lr 0) no weight moves."""
+    args = ["model=gan", *FAST, "trainer.device=cuda", "trainer.precision=fp32", "optim/scheduler=linear",
+            "optim.scheduler.total_iters=6"]
+    gentrain(*args, "trainer.steps=8", "trainer.cuda_graphs=false", f"hydra.run.dir={tmp_path / 'eager'}")
+    gentrain(*args, "trainer.steps=4", "trainer.cuda_graphs=true", f"hydra.run.dir={tmp_path / 'captured'}")
+    gentrain(f"resume={tmp_path / 'captured'}", "trainer.steps=8")
+    assert log_of(tmp_path / "captured").count("with CUDA graphs") == 2
+    assert_same_training(tmp_path / "eager", tmp_path / "captured", rel=1e-3)
+    at = lambda step: torch.load(tmp_path / f"captured/checkpoints/step_{step:07d}.pt", weights_only=True)
+    six, eight = at(6), at(8)
+    assert [float(g["lr"]) for o in ("D", "G") for g in eight["optim"][o]["param_groups"]] == [0.0, 0.0]
+    weights = [k for k in eight["model"] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(six["model"][k], eight["model"][k]) for k in weights)
+    assert not all(torch.equal(at(4)["model"][k], six["model"][k]) for k in weights)
+
+
 # Ops that launch no kernel on a GPU: views, allocations, metadata.
 NO_KERNEL = {"aten::detach", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::slice", "aten::select",
              "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::as_strided", "aten::t", "aten::transpose",

@@ -65,6 +65,29 @@ def test_resume_matches_an_uninterrupted_run(gentrain, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split run, b=2", "straight"]  # no stray run folders
 
 
+def test_a_learning_rate_schedule_decays_and_resumes_as_one_run(gentrain, tmp_path):
+    """optim/scheduler=linear: the learning rate falls from optim.lr to 0 over the horizon, and a run
+    resumed halfway (off the log grid) trains as the uninterrupted one, its schedule included."""
+    args = ["model=gan", *FAST, "trainer.log_every=3", "trainer.ckpt_every=5", "optim/scheduler=linear",
+            "optim.scheduler.total_iters=12"]
+    gentrain(*args, "trainer.steps=12", f"hydra.run.dir={tmp_path / 'straight'}")
+    gentrain(*args, "trainer.steps=7", f"hydra.run.dir={tmp_path / 'split'}")
+    halfway = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)
+    assert halfway["optim"]["G"]["param_groups"][0]["lr"] == pytest.approx(8e-4 * (12 - 7) / 12)
+    gentrain(f"resume={tmp_path / 'split'}", "trainer.steps=12")
+    a, b = (torch.load(tmp_path / run / "checkpoints/last.pt", weights_only=True) for run in ("straight", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert [g["lr"] for o in ("D", "G") for g in b["optim"][o]["param_groups"]] == [0.0, 0.0]
+    assert b["scheduler"]["G"]["last_epoch"] == 12
+
+    proc = gentrain(f"resume={tmp_path / 'split'}", "optim/scheduler=linear", "optim.scheduler.total_iters=24",
+                    check=False)
+    assert_one_line_error(proc, "optim.scheduler.total_iters cannot change when resuming")
+    proc = gentrain(f"resume={tmp_path / 'split'}", "trainer.steps=14")
+    assert "the learning-rate schedule ends at step 12" in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_on_cpu(gentrain, tmp_path, precision):
     run = tmp_path / "run"

@@ -120,13 +120,14 @@ class Resumed:
     best: dict | None     # the best evaluation so far: metric, value, step
 
 
-def training_state(meta: dict, step: int, seconds: float, model, optimizers: dict, scalers: dict, device,
-                   log: dict, best: dict | None, preempted: bool = False) -> dict:
+def training_state(meta: dict, step: int, seconds: float, model, optimizers: dict, scalers: dict, schedulers: dict,
+                   device, log: dict, best: dict | None, preempted: bool = False) -> dict:
     """Everything a run needs to continue from `step` exactly, as one checkpoint dict."""
     return {**meta, "step": step, "seconds": seconds,
             "model": model.state_dict(),
             "optim": {p: o.state_dict() for p, o in optimizers.items()},
             "scaler": {p: s.state_dict() for p, s in scalers.items()},
+            "scheduler": {p: s.state_dict() for p, s in schedulers.items()},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
             "log": log, "best": best,
@@ -140,8 +141,10 @@ def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
         raise GentrainError(f"{ckpt.path}: the stored weights do not fit the model its config describes") from None
 
 
-def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, device: torch.device) -> Resumed:
-    """Load a checkpoint's weights, optimizer, grad-scaler and RNG states; the loop's own state back."""
+def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, schedulers: dict,
+            device: torch.device) -> Resumed:
+    """Load a checkpoint's weights, optimizer, grad-scaler, learning-rate schedule and RNG states; the
+    loop's own state back."""
     s = ckpt.state
     load_weights(ckpt, model)
     for p, opt in optimizers.items():
@@ -151,6 +154,14 @@ def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, device: to
         saved = s["optim"][p]
         opt.load_state_dict({**saved, "param_groups": [g | opt.defaults for g in saved["param_groups"]]})
         scalers[p].load_state_dict(s["scaler"][p])
+    for p, scheduler in schedulers.items():
+        # The loaded param groups hold the config's learning rate: set the schedule's own at this step.
+        scheduler.load_state_dict(s["scheduler"][p])
+        for group, lr in zip(optimizers[p].param_groups, scheduler.get_last_lr()):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(float(lr))  # in place: a captured step reads it from there
+            else:
+                group["lr"] = float(lr)
     torch.set_rng_state(s["rng"]["torch"])
     if device.type == "cuda" and s["rng"]["cuda"]:  # the training GPU's state; all ranks share it
         torch.cuda.set_rng_state(s["rng"]["cuda"][0], device)

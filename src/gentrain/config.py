@@ -23,7 +23,7 @@ from gentrain.metrics import METRICS, SCORES, skipped_metrics
 from gentrain.models.prior import KINDS as PRIOR_KINDS
 
 # The config groups: on resume these cannot change, only keys inside them.
-GROUPS = ("model", "dataset", "optim", "trainer", "experiment")
+GROUPS = ("model", "dataset", "optim", "optim/scheduler", "trainer", "experiment")
 
 
 def config_dir() -> Path:
@@ -126,6 +126,9 @@ def _check_optim(verb: str, optim) -> None:
         raise GentrainError(f"optim._target_ must name a torch.optim optimizer, got {target!r}")
     accepts = inspect.signature(getattr(torch.optim, target[12:])).parameters
     for key in optim:
+        if key == "scheduler":
+            _check_scheduler(verb, optim.scheduler)
+            continue
         rule = OPTIM.get(key) or (OPTIM["lr_*"] if str(key).startswith("lr_") else None)
         if rule is None and key not in accepts:
             raise unknown(f"optim.{key}", verb, [f"optim.{k}" for k in accepts if k != "params"])
@@ -133,6 +136,24 @@ def _check_optim(verb: str, optim) -> None:
             raise unset(f"optim.{key}")
         if rule is not None:
             rule(f"optim.{key}", optim[key])
+
+
+def _check_scheduler(verb: str, scheduler) -> None:
+    """optim.scheduler (optim/scheduler=linear|cosine): a torch.optim.lr_scheduler partial and the keys its
+    constructor takes; null: a constant learning rate."""
+    if scheduler is None:
+        return
+    target = str(scheduler.get("_target_", ""))
+    prefix = "torch.optim.lr_scheduler."
+    cls = getattr(torch.optim.lr_scheduler, target[len(prefix):], None) if target.startswith(prefix) else None
+    if not isinstance(cls, type):  # instantiated from a checkpoint's stored config too: torch's own only
+        raise GentrainError(f"optim.scheduler._target_ must name a torch.optim.lr_scheduler class, got {target!r}")
+    accepts = [k for k in inspect.signature(cls).parameters if k not in ("optimizer", "last_epoch", "verbose")]
+    for key in scheduler:
+        if key not in ("_target_", "_partial_") and key not in accepts:
+            raise unknown(f"optim.scheduler.{key}", verb, [f"optim.scheduler.{k}" for k in accepts])
+        if OmegaConf.is_missing(scheduler, key):
+            raise unset(f"optim.scheduler.{key}")
 
 
 def check(verb: str, cfg: DictConfig) -> None:

@@ -30,10 +30,11 @@ log = logging.getLogger("gentrain")
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
           speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str,
-          resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
+          schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
-    its first log line; `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
+    its first log line; `schedulers` (by optimizer) set the learning rates, stepped after every step;
+    `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
     `loggers` get what metrics.jsonl gets.
 
     `evaluate(model) -> {name: score}` runs every t.eval_every steps; the checkpoint with the best score
@@ -42,9 +43,10 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     """
     # Setup: restore the state of a resumed run, then the step, the fixed noise of the sample grids.
     scalers = {o: torch.amp.GradScaler(device.type, enabled=amp is torch.float16) for o in optimizers}
+    schedulers = schedulers or {}
     step, seconds, best, meter = 0, 0.0, None, Meter(device)
     if resume is not None:
-        state = checkpoint.restore(resume, model, optimizers, scalers, device)
+        state = checkpoint.restore(resume, model, optimizers, scalers, schedulers, device)
         step, seconds, best = state.step, state.seconds, state.best
         meter.load_state_dict(state.log, step, device)
     dist.broadcast_(model)
@@ -64,7 +66,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     def save(done: int, path: Path, also: Path | None = None, preempted: bool = False) -> None:
         if report.writes:
             checkpoint.save(checkpoint.training_state(meta, done, clock.training(), model, optimizers, scalers,
-                                                      device, meter.state_dict(), best, preempted), path, also)
+                                                      schedulers, device, meter.state_dict(), best, preempted), path, also)
 
     with _StopOnSignal() as stop, logging_redirect_tqdm():
         how = [str(amp)] * (amp is not None) + speed.describe()
@@ -77,6 +79,8 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
             runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
             inputs = [batches(step * draws + r) for r in runs]
             meter.add(step, (graphs or run_phases)(phases, inputs, step))
+            for scheduler in schedulers.values():
+                scheduler.step()
             step += 1
             report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
@@ -91,7 +95,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
 
             # Log: the interval's mean of every number (one host sync for all of them) and the throughput.
             if step % t.log_every == 0 or last:
-                lrs = {f"lr/{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}
+                lrs = {f"lr/{o}": float(opt.param_groups[0]["lr"]) for o, opt in optimizers.items()}
                 report.log(step, meter.means(), clock.rate(step, t.batch_size * draws), clock.training(), lrs)
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
                     meter.reset(step)

@@ -27,7 +27,7 @@ log = logging.getLogger("gentrain")
 def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
     """The checkpoint's own config, with the key overrides given on this command line on top. The command
     line the run was started with may be given again: a group choice equal to the run's own is accepted,
-    only a different one is refused."""
+    only a different one is refused (and a different optim.scheduler key: the schedule's state is saved)."""
     merged, stored = ckpt.config, ckpt.choices
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.partition("=")
@@ -41,6 +41,9 @@ def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
                                     f"{key}={was}; a resumed run keeps its config groups (drop {key}= or give "
                                     f"{key}={was}), while key overrides such as trainer.steps=N apply on top")
             continue
+        if key.startswith("optim.scheduler.") and OmegaConf.select(cfg, key) != OmegaConf.select(merged, key):
+            raise GentrainError(f"{key} cannot change when resuming: the learning-rate schedule is part of the "
+                                f"run's state ({ckpt.path} has {key}={OmegaConf.select(merged, key)})")
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     merged.resume, merged.rollback = cfg.resume, cfg.get("rollback", False)
     return with_defaults(merged, cfg)
@@ -67,8 +70,11 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
 
     On a GPU, an optimizer that has torch's fused kernel (Adam, AdamW, SGD) uses it, one launch for all
     of a set's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
-    its state on the device, as a captured step needs."""
+    its state on the device, as a captured step needs. With a learning-rate schedule a captured step reads
+    the learning rate from a device tensor, which the scheduler fills in place (a float would be baked
+    into the graph)."""
     cfg = OmegaConf.to_container(optim_cfg, resolve=True)
+    scheduled = cfg.pop("scheduler", None) is not None  # scheduler_factory's
     per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
     make = instantiate(cfg, _convert_="all")
     accepts = inspect.signature(make.func).parameters
@@ -83,9 +89,19 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
             kwargs["lr"] = kwargs.get("lr", cfg["lr"]) * ratio
             if "betas" in cfg:
                 kwargs["betas"] = tuple(b ** ratio for b in cfg["betas"])
+        if capturable and scheduled:
+            kwargs["lr"] = torch.tensor(float(kwargs.get("lr", cfg["lr"])), device=device)
         return make(params, **kwargs)
 
     return make_optimizer
+
+
+def scheduler_factory(optim_cfg: DictConfig):
+    """make_scheduler(optimizer) from optim.scheduler (optim/scheduler=linear|cosine), a
+    torch.optim.lr_scheduler partial that the loop steps once per training step; None: a constant
+    learning rate."""
+    node = optim_cfg.get("scheduler")
+    return None if node is None else instantiate(node, _convert_="all")
 
 
 def choices(ckpt: checkpoint.Checkpoint | None) -> dict | None:
@@ -233,6 +249,13 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
+    make_scheduler = scheduler_factory(cfg.optim)
+    schedulers = {o: make_scheduler(opt) for o, opt in optimizers.items()} if make_scheduler else {}
+    horizon = next((v for k, v in (cfg.optim.get("scheduler") or {}).items() if k in ("total_iters", "T_max")), None)
+    if horizon is not None and horizon < t.steps:
+        log.warning("note: the learning-rate schedule ends at step %d (optim.scheduler, the run's trainer.steps "
+                    "when it started), before trainer.steps=%d: the steps after it train at its last learning rate"
+                    "%s", horizon, t.steps, "" if "total_iters" in cfg.optim.scheduler else " (a cosine's rises again)")
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
                            d.get("hflip", False), d.get("workers", 4), channels_last=speed.channels_last)
 
@@ -240,7 +263,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     report_to = loggers.build(t.loggers, run_dir, config, ckpt.step if ckpt else 0, t.wandb_project) if main_rank else []
     size = f"{len(train_data)} points" if facts.points else \
         f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
-    loop.train(model, batches, optimizers, t, run_dir, device=device, amp=amp, speed=speed,
+    loop.train(model, batches, optimizers, t, run_dir, schedulers=schedulers, device=device, amp=amp, speed=speed,
                meta=checkpoint.meta(config, facts, choices(ckpt), branched_from), loggers=report_to,
                seed=cfg.seed,
                what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
