@@ -88,7 +88,9 @@ def test_bad_values_are_rejected(override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.scheduler._target_=os.system", "optim.scheduler._target_ must name a torch.optim.lr_scheduler class"),
+    ("optim.scheduler._target_=os.system", "optim.scheduler._target_ must name a torch.optim.lr_scheduler schedule"),
+    ("optim.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau", "schedule that steps on its own"),
+    ("optim.scheduler.total_iters=0", "optim.scheduler.total_iters must be a positive integer"),
     ("+optim.scheduler.gamma=0.5", "optim.scheduler.gamma is not a key of gentrain; did you mean"),
 ])
 def test_a_learning_rate_schedule_is_checked_like_the_optimizer(override, message):

@@ -242,6 +242,16 @@ def test_cuda_graphs_train_and_resume_through_the_cli(gentrain, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["D/loss"])) for r in records)
 
 
+def test_a_schedule_is_captured_only_where_torch_fills_the_learning_rate_in_place(monkeypatch):
+    from gentrain.fast import uncapturable
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    assert "torch >= 2.5" in uncapturable(gpu, None, 1, scheduled=True)
+    assert uncapturable(gpu, None, 1, scheduled=False) is None
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    assert uncapturable(gpu, None, 1, scheduled=True) is None
+
+
 @cuda
 def test_a_captured_step_follows_the_learning_rate_schedule(gentrain, tmp_path):
     """optim/scheduler=linear under CUDA graphs: the captured step reads the learning rate that the

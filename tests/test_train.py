@@ -84,6 +84,8 @@ def test_a_learning_rate_schedule_decays_and_resumes_as_one_run(gentrain, tmp_pa
     proc = gentrain(f"resume={tmp_path / 'split'}", "optim/scheduler=linear", "optim.scheduler.total_iters=24",
                     check=False)
     assert_one_line_error(proc, "optim.scheduler.total_iters cannot change when resuming")
+    proc = gentrain(f"resume={tmp_path / 'split'}", "optim.lr=1e-4", check=False)
+    assert_one_line_error(proc, "optim.lr cannot change when resuming a run with a learning-rate schedule")
     proc = gentrain(f"resume={tmp_path / 'split'}", "trainer.steps=14")
     assert "the learning-rate schedule ends at step 12" in proc.stderr + proc.stdout
 

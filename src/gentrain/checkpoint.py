@@ -155,9 +155,15 @@ def restore(ckpt: Checkpoint, model, optimizers: dict, scalers: dict, schedulers
         opt.load_state_dict({**saved, "param_groups": [g | opt.defaults for g in saved["param_groups"]]})
         scalers[p].load_state_dict(s["scaler"][p])
     for p, scheduler in schedulers.items():
-        # The loaded param groups hold the config's learning rate: set the schedule's own at this step.
+        if p not in s.get("scheduler", {}):
+            raise GentrainError(f"{ckpt.path} holds no learning-rate schedule for {p}")
         scheduler.load_state_dict(s["scheduler"][p])
+        # As floats: a run stepped by a CUDA graph saved device tensors, which this run may not step on.
+        scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
+        scheduler._last_lr = [float(lr) for lr in scheduler.get_last_lr()]
+        # The loaded param groups hold the config's learning rate: set the schedule's own at this step.
         for group, lr in zip(optimizers[p].param_groups, scheduler.get_last_lr()):
+            group["initial_lr"] = float(group.get("initial_lr", lr))
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(float(lr))  # in place: a captured step reads it from there
             else:

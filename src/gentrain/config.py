@@ -138,22 +138,34 @@ def _check_optim(verb: str, optim) -> None:
             rule(f"optim.{key}", optim[key])
 
 
+UNSTEPPABLE = ("LRScheduler", "ReduceLROnPlateau", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler")
+
+
 def _check_scheduler(verb: str, scheduler) -> None:
     """optim.scheduler (optim/scheduler=linear|cosine): a torch.optim.lr_scheduler partial and the keys its
     constructor takes; null: a constant learning rate."""
     if scheduler is None:
         return
+    if not isinstance(scheduler, DictConfig):
+        raise GentrainError(f"optim.scheduler must be a schedule (optim/scheduler=linear|cosine) or null, got {scheduler!r}")
     target = str(scheduler.get("_target_", ""))
     prefix = "torch.optim.lr_scheduler."
     cls = getattr(torch.optim.lr_scheduler, target[len(prefix):], None) if target.startswith(prefix) else None
-    if not isinstance(cls, type):  # instantiated from a checkpoint's stored config too: torch's own only
-        raise GentrainError(f"optim.scheduler._target_ must name a torch.optim.lr_scheduler class, got {target!r}")
+    # Instantiated from a checkpoint's stored config too: torch's own schedulers only, and those the loop
+    # can step once per step with nothing else (not ReduceLROnPlateau's metric, nor the ones made of others).
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)) or \
+            cls.__name__ in UNSTEPPABLE:
+        raise GentrainError(f"optim.scheduler._target_ must name a torch.optim.lr_scheduler schedule that steps on "
+                            f"its own (LinearLR, CosineAnnealingLR, StepLR, ExponentialLR, ...), got {target!r}")
     accepts = [k for k in inspect.signature(cls).parameters if k not in ("optimizer", "last_epoch", "verbose")]
     for key in scheduler:
         if key not in ("_target_", "_partial_") and key not in accepts:
             raise unknown(f"optim.scheduler.{key}", verb, [f"optim.scheduler.{k}" for k in accepts])
         if OmegaConf.is_missing(scheduler, key):
             raise unset(f"optim.scheduler.{key}")
+        if key in ("total_iters", "T_max", "step_size", "T_0"):  # a horizon or period of steps
+            integer(1)(f"optim.scheduler.{key}", scheduler[key])
+    choice(True)("optim.scheduler._partial_", scheduler.get("_partial_"))
 
 
 def check(verb: str, cfg: DictConfig) -> None:
@@ -212,4 +224,5 @@ def check_train(cfg: DictConfig) -> None:
     if t.sync_bn and processes > 1 and device.type != "cuda":
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
-    fast.plan(t, device, amp, processes, facts.points)  # a fast-path switch set to true that cannot work here
+    # A fast-path switch set to true that cannot work here:
+    fast.plan(t, device, amp, processes, facts.points, scheduled=cfg.optim.get("scheduler") is not None)

@@ -30,9 +30,11 @@ class FastPath:
                                       ("CUDA graphs", self.cuda_graphs)) if on]
 
 
-def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, points: bool) -> FastPath:
+def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, points: bool,
+         scheduled: bool = False) -> FastPath:
     """The trainer's channels_last, compile and cuda_graphs settings for a run on `device` in `amp` over
-    `processes` processes; a switch set to true that cannot work here is one GentrainError line."""
+    `processes` processes, `scheduled` with a learning-rate schedule; a switch set to true that cannot work
+    here is one GentrainError line."""
     compile_options, channels_last = {}, _channels_last(t.channels_last, device, points)
     if t.compile and device.type == "cuda" and not inductor_knows_nhwc_conv_grads():
         # This torch's inductor predicts NCHW strides for the gradients of a channels_last convolution
@@ -44,7 +46,7 @@ def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, point
                                 f"{torch.__version__}'s inductor on CUDA (pytorch/pytorch#171622); use "
                                 f"trainer.channels_last=auto, or a torch whose inductor has the fix")
         compile_options, channels_last = {"layout_optimization": False}, False
-    why = uncapturable(device, amp, processes)
+    why = uncapturable(device, amp, processes, scheduled)
     if t.cuda_graphs is True and why:
         raise GentrainError(f"trainer.cuda_graphs=true cannot capture this run's step: {why}")
     capture = t.cuda_graphs is True or (t.cuda_graphs == "auto" and why is None)
@@ -52,9 +54,10 @@ def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, point
                     why if t.cuda_graphs == "auto" else None)
 
 
-def uncapturable(device: torch.device, amp: torch.dtype | None, processes: int) -> str | None:
-    """Why a training step on `device` in `amp` over `processes` processes cannot be one CUDA graph, or None.
-    Every family's step reads nothing back to the host (tests/test_fast.py), so that is not a reason."""
+def uncapturable(device: torch.device, amp: torch.dtype | None, processes: int, scheduled: bool = False) -> str | None:
+    """Why a training step on `device` in `amp` over `processes` processes (`scheduled`: with a learning-rate
+    schedule) cannot be one CUDA graph, or None. Every family's step reads nothing back to the host
+    (tests/test_fast.py), so that is not a reason."""
     if device.type != "cuda":
         return f"it runs on {device.type}, and CUDA graphs need a CUDA GPU"
     if amp is torch.float16:
@@ -63,6 +66,11 @@ def uncapturable(device: torch.device, amp: torch.dtype | None, processes: int) 
         # NCCL's all-reduce can run inside a graph (NCCL >= 2.9.6, torch's CUDA graph notes), gloo's
         # cannot; capturing the gradient averaging of gentrain.dist is not built or measured yet.
         return f"it runs in {processes} processes, whose gradient all-reduce is not captured yet"
+    if scheduled and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        # A captured step reads the learning rate from a device tensor that the scheduler must fill in
+        # place: torch 2.4's schedulers read it back to the host first (pytorch/pytorch#133663), older
+        # ones replace it by a float, which the graph never sees.
+        return f"torch {torch.__version__}'s learning-rate schedulers cannot update a captured step (torch >= 2.5 can)"
     return None
 
 

@@ -79,8 +79,6 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
             runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
             inputs = [batches(step * draws + r) for r in runs]
             meter.add(step, (graphs or run_phases)(phases, inputs, step))
-            for scheduler in schedulers.values():
-                scheduler.step()
             step += 1
             report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
@@ -100,6 +98,8 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                 if step % t.log_every == 0:  # a run's last, off-grid line leaves the interval open for a resume
                     meter.reset(step)
                     clock.tick(step)
+            for scheduler in schedulers.values():  # after the log line, which shows the rate this step had
+                scheduler.step()
             if step % t.sample_every == 0 or last:
                 report.grid(grid, step)
 

@@ -41,9 +41,12 @@ def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
                                     f"{key}={was}; a resumed run keeps its config groups (drop {key}= or give "
                                     f"{key}={was}), while key overrides such as trainer.steps=N apply on top")
             continue
-        if key.startswith("optim.scheduler.") and OmegaConf.select(cfg, key) != OmegaConf.select(merged, key):
-            raise GentrainError(f"{key} cannot change when resuming: the learning-rate schedule is part of the "
-                                f"run's state ({ckpt.path} has {key}={OmegaConf.select(merged, key)})")
+        scheduled = OmegaConf.select(merged, "optim.scheduler") is not None
+        if (key == "optim.scheduler" or key.startswith("optim.scheduler.") or (scheduled and key.startswith("optim.lr"))) \
+                and OmegaConf.select(cfg, key) != OmegaConf.select(merged, key):
+            # The schedule's state (its step, base learning rates, horizon) is saved with the run.
+            raise GentrainError(f"{key} cannot change when resuming a run with a learning-rate schedule "
+                                f"({ckpt.path} has {key}={OmegaConf.select(merged, key)})")
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     merged.resume, merged.rollback = cfg.resume, cfg.get("rollback", False)
     return with_defaults(merged, cfg)
@@ -244,18 +247,22 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     use_fast_kernels(device)
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    speed = fast.plan(t, device, amp, dist.world_size(), facts.points)
+    speed = fast.plan(t, device, amp, dist.world_size(), facts.points, scheduled=cfg.optim.get("scheduler") is not None)
     model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()
     make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
     make_scheduler = scheduler_factory(cfg.optim)
-    schedulers = {o: make_scheduler(opt) for o, opt in optimizers.items()} if make_scheduler else {}
+    try:
+        schedulers = {o: make_scheduler(opt) for o, opt in optimizers.items()} if make_scheduler else {}
+    except (ValueError, TypeError) as e:  # torch's own check of a value, e.g. start_factor=0
+        raise GentrainError(f"optim.scheduler: {e}") from None
     horizon = next((v for k, v in (cfg.optim.get("scheduler") or {}).items() if k in ("total_iters", "T_max")), None)
     if horizon is not None and horizon < t.steps:
-        log.warning("note: the learning-rate schedule ends at step %d (optim.scheduler, the run's trainer.steps "
-                    "when it started), before trainer.steps=%d: the steps after it train at its last learning rate"
-                    "%s", horizon, t.steps, "" if "total_iters" in cfg.optim.scheduler else " (a cosine's rises again)")
+        after = "rises again (a cosine's period)" if "T_max" in cfg.optim.scheduler else \
+            f"stays at {cfg.optim.scheduler.get('end_factor', 0)} x optim.lr"
+        log.warning("note: the learning-rate schedule ends at step %d (optim.scheduler, the run's trainer.steps when "
+                    "it started), before trainer.steps=%d: after it the learning rate %s", horizon, t.steps, after)
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
                            d.get("hflip", False), d.get("workers", 4), channels_last=speed.channels_last)
 
