@@ -117,14 +117,22 @@ def _check_node(verb: str, prefix: str, node, table: dict) -> None:
             rule(full, node[key])
 
 
+def torch_class(target: str, module) -> type | None:
+    """The class a _target_ names inside torch `module` (torch.optim, torch.optim.lr_scheduler), or None."""
+    prefix = module.__name__ + "."
+    cls = getattr(module, target[len(prefix):], None) if target.startswith(prefix) else None
+    return cls if isinstance(cls, type) else None
+
+
 def _check_optim(verb: str, optim) -> None:
     """optim: the table's keys, and any other a torch.optim optimizer's constructor takes (+optim.amsgrad=true)."""
     target = str(optim.get("_target_", ""))
-    if not target.startswith("torch.optim.") or not isinstance(getattr(torch.optim, target[12:], None), type):
+    cls = torch_class(target, torch.optim)
+    if cls is None:
         # The optimizer is built with hydra.utils.instantiate, also when resuming from a
         # checkpoint's stored config: only torch's own optimizers may be named there.
         raise GentrainError(f"optim._target_ must name a torch.optim optimizer, got {target!r}")
-    accepts = inspect.signature(getattr(torch.optim, target[12:])).parameters
+    accepts = inspect.signature(cls).parameters
     for key in optim:
         if key == "scheduler":
             _check_scheduler(verb, optim.scheduler)
@@ -149,12 +157,10 @@ def _check_scheduler(verb: str, scheduler) -> None:
     if not isinstance(scheduler, DictConfig):
         raise GentrainError(f"optim.scheduler must be a schedule (optim/scheduler=linear|cosine) or null, got {scheduler!r}")
     target = str(scheduler.get("_target_", ""))
-    prefix = "torch.optim.lr_scheduler."
-    cls = getattr(torch.optim.lr_scheduler, target[len(prefix):], None) if target.startswith(prefix) else None
+    cls = torch_class(target, torch.optim.lr_scheduler)
     # Instantiated from a checkpoint's stored config too: torch's own schedulers only, and those the loop
     # can step once per step with nothing else (not ReduceLROnPlateau's metric, nor the ones made of others).
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)) or \
-            cls.__name__ in UNSTEPPABLE:
+    if cls is None or not issubclass(cls, torch.optim.lr_scheduler.LRScheduler) or cls.__name__ in UNSTEPPABLE:
         raise GentrainError(f"optim.scheduler._target_ must name a torch.optim.lr_scheduler schedule that steps on "
                             f"its own (LinearLR, CosineAnnealingLR, StepLR, ExponentialLR, ...), got {target!r}")
     accepts = [k for k in inspect.signature(cls).parameters if k not in ("optimizer", "last_epoch", "verbose")]

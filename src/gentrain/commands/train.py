@@ -29,6 +29,7 @@ def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
     line the run was started with may be given again: a group choice equal to the run's own is accepted,
     only a different one is refused (and a different optim.scheduler key: the schedule's state is saved)."""
     merged, stored = ckpt.config, ckpt.choices
+    scheduled = OmegaConf.select(merged, "optim.scheduler") is not None
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
@@ -41,7 +42,6 @@ def resumed_config(cfg: DictConfig, ckpt: checkpoint.Checkpoint) -> DictConfig:
                                     f"{key}={was}; a resumed run keeps its config groups (drop {key}= or give "
                                     f"{key}={was}), while key overrides such as trainer.steps=N apply on top")
             continue
-        scheduled = OmegaConf.select(merged, "optim.scheduler") is not None
         if (key == "optim.scheduler" or key.startswith("optim.scheduler.") or (scheduled and key.startswith("optim.lr"))) \
                 and OmegaConf.select(cfg, key) != OmegaConf.select(merged, key):
             # The schedule's state (its step, base learning rates, horizon) is saved with the run.
@@ -247,7 +247,8 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     use_fast_kernels(device)
     if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    speed = fast.plan(t, device, amp, dist.world_size(), facts.points, scheduled=cfg.optim.get("scheduler") is not None)
+    schedule = cfg.optim.get("scheduler")
+    speed = fast.plan(t, device, amp, dist.world_size(), facts.points, scheduled=schedule is not None)
     model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()
     make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
@@ -257,10 +258,10 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
         schedulers = {o: make_scheduler(opt) for o, opt in optimizers.items()} if make_scheduler else {}
     except (ValueError, TypeError) as e:  # torch's own check of a value, e.g. start_factor=0
         raise GentrainError(f"optim.scheduler: {e}") from None
-    horizon = next((v for k, v in (cfg.optim.get("scheduler") or {}).items() if k in ("total_iters", "T_max")), None)
-    if horizon is not None and horizon < t.steps:
-        after = "rises again (a cosine's period)" if "T_max" in cfg.optim.scheduler else \
-            f"stays at {cfg.optim.scheduler.get('end_factor', 0)} x optim.lr"
+    horizon = schedule and schedule.get("total_iters", schedule.get("T_max"))
+    if horizon and horizon < t.steps:
+        after = "rises again (a cosine's period)" if "T_max" in schedule else \
+            f"stays at {schedule.get('end_factor', 0)} x optim.lr"
         log.warning("note: the learning-rate schedule ends at step %d (optim.scheduler, the run's trainer.steps when "
                     "it started), before trainer.steps=%d: after it the learning rate %s", horizon, t.steps, after)
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, data.on_device_setting(d),
