@@ -99,12 +99,11 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
     return make_optimizer
 
 
-def scheduler_factory(optim_cfg: DictConfig):
+def scheduler_factory(schedule: DictConfig | None):
     """make_scheduler(optimizer) from optim.scheduler (optim/scheduler=linear|cosine), a
     torch.optim.lr_scheduler partial that the loop steps once per training step; None: a constant
     learning rate."""
-    node = optim_cfg.get("scheduler")
-    return None if node is None else instantiate(node, _convert_="all")
+    return None if schedule is None else instantiate(schedule, _convert_="all")
 
 
 def choices(ckpt: checkpoint.Checkpoint | None) -> dict | None:
@@ -253,7 +252,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
-    make_scheduler = scheduler_factory(cfg.optim)
+    make_scheduler = scheduler_factory(schedule)
     try:
         schedulers = {o: make_scheduler(opt) for o, opt in optimizers.items()} if make_scheduler else {}
     except (ValueError, TypeError) as e:  # torch's own check of a value, e.g. start_factor=0
