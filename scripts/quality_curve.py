@@ -4,7 +4,7 @@ VAE's NLL), written as a JSON file, a markdown table and a plot (FID against ste
 minutes, one line per config, the seeds' spread shaded).
 
     python scripts/quality_curve.py --dataset fashion_mnist \
-        --config default="model=gan" --config hinge="experiment=hinge_sn_fashion" \
+        --config default="model=gan" --config hinge="baseline=hinge_sn_fashion" \
         --steps 1000 2000 5000 --minutes 1 3 --seeds 0 1 2 --out curves/fashion_gan
     python scripts/quality_curve.py --dataset fashion_mnist --config vae="model=vae" \
         --steps 2000 5000 --priors gaussian gmm --out curves/fashion_vae

@@ -7,7 +7,7 @@ from conftest import assert_one_line_error
 
 def test_help_lists_groups_choices_and_main_keys(gentrain):
     out = gentrain("--help").stdout
-    for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, grid25, mnist, ring8", "experiment:",
+    for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, grid25, mnist, ring8", "experiment:", "baseline:",
                  "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample",
                  "model.loss (ns|minimax|wgan|wgan_gp|hinge|lsgan|ragan)", "optim.lr_D, optim.lr_G"):
         assert text in out, text
@@ -33,6 +33,8 @@ def test_eval_help(gentrain):
     (["model=foo"], ["model=foo is not an option", "gan, vae"]),
     (["dataset=imagenet"], ["dataset=imagenet is not an option", "cifar10, fashion_mnist, folder, grid25, mnist, ring8"]),
     (["-m", "model=gan,diffusion"], ["model=diffusion is not an option"]),
+    (["experiment=wgan_gp_fashion"], ["experiment=wgan_gp_fashion is not an option", "baseline=wgan_gp_fashion"]),
+    (["baseline=toy"], ["baseline=toy is not an option", "experiment=toy"]),
     (["trainer.stpes=10"], ["trainer.stpes is not a key of gentrain; did you mean trainer.steps"]),
     (["+trainer.stpes=10"], ["trainer.stpes is not a key of gentrain; did you mean trainer.steps"]),
     (["model=gan,vae"], ["Ambiguous value", "--multirun"]),

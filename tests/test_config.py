@@ -21,8 +21,8 @@ def compose_train(*overrides):
         return compose("train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "optim", "optim/scheduler", "trainer", "experiment",
-                                   "hparams_search"])
+@pytest.mark.parametrize("group", ["model", "dataset", "optim", "optim/scheduler", "trainer", "baseline",
+                                   "experiment", "hparams_search"])
 def test_every_option_of_every_group_composes(group):
     assert options(group), f"configs/{group} is empty"
     for choice in options(group):
@@ -50,12 +50,14 @@ def test_each_family_picks_its_own_optimizer_defaults():
     assert compose_train("model=vae", "optim=adamw").optim._target_ == "torch.optim.AdamW"
 
 
-def test_experiment_presets_set_their_family():
+def test_experiment_presets_and_baselines_set_their_family():
     vae = compose_train("experiment=vae_mnist")
     assert vae.model.family == "vae" and vae.optim.lr == 1e-3  # the family's optimizer follows the preset
-    assert compose_train("experiment=dcgan_mnist").model.family == "gan"
-    # the command line has the last word over a preset, as everywhere in Hydra
-    assert compose_train("experiment=dcgan_mnist", "trainer.steps=7").trainer.steps == 7
+    dcgan = compose_train("baseline=dcgan_mnist")
+    assert dcgan.model.family == "gan" and dcgan.optim.lr == 2e-4 and dcgan.model.loss == "ns"
+    # the command line has the last word over a baseline, and a preset over a baseline, as in Hydra's defaults
+    assert compose_train("baseline=dcgan_mnist", "trainer.steps=7").trainer.steps == 7
+    assert compose_train("baseline=dcgan_mnist", "experiment=smoke").trainer.steps == 300
 
 
 def test_sample_config_composes():

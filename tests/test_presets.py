@@ -1,4 +1,4 @@
-"""Every experiment preset trains through the CLI on the offline data, and the GAN options work end to end."""
+"""Every experiment preset and baseline trains through the CLI on the offline data, and the GAN options work end to end."""
 
 import json
 
@@ -10,6 +10,7 @@ from conftest import FAST, assert_one_line_error
 from test_config import options
 
 PRESETS = options("experiment")
+BASELINES = options("baseline")
 TOY = [p for p in PRESETS if p.startswith("toy")]
 FOLDER = [p for p in PRESETS if p.startswith("folder")]  # trained on an image folder in test_sizes.py
 
@@ -18,11 +19,12 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in TOY + FOLDER])
+@pytest.mark.parametrize("preset", [f"experiment={p}" for p in PRESETS if p not in TOY + FOLDER] +
+                         [f"baseline={p}" for p in BASELINES])
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
-def test_every_image_preset_trains_two_steps_on_mnist_and_fashion(gentrain, tmp_path, preset, dataset):
+def test_every_image_preset_and_baseline_trains_two_steps_on_mnist_and_fashion(gentrain, tmp_path, preset, dataset):
     run = tmp_path / "run"
-    gentrain(f"experiment={preset}", f"dataset={dataset}", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
+    gentrain(preset, f"dataset={dataset}", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["dataset"]["name"] == dataset
     assert (run / "samples" / "step_0000002.png").is_file()

@@ -237,8 +237,10 @@ def test_the_command_a_run_started_with_plus_resume_continues_it(gentrain, tmp_p
     gentrain(*command)
     gentrain(*[a for a in command if not a.startswith("trainer.steps")], f"resume={run}", "trainer.steps=4")
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
-    assert_one_line_error(gentrain(*command, "experiment=dcgan_mnist", f"resume={run}", check=False),
-                          "experiment=dcgan_mnist cannot change when resuming", "was trained with experiment=smoke")
+    assert_one_line_error(gentrain(*command, "experiment=vae_mnist", f"resume={run}", check=False),
+                          "experiment=vae_mnist cannot change when resuming", "was trained with experiment=smoke")
+    assert_one_line_error(gentrain(*command, "baseline=dcgan_mnist", f"resume={run}", check=False),
+                          "baseline=dcgan_mnist cannot change when resuming", "was trained with baseline=None")
 
 
 def test_an_earlier_checkpoint_resumes_into_a_new_folder_unless_rolled_back(gentrain, tmp_path):

@@ -24,10 +24,15 @@ VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot")
 def _one_line(e: Exception) -> str:
     from hydra.errors import MissingConfigException
 
+    from gentrain.config import config_dir
+
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, choice = e.missing_cfg_file.rpartition("/")
         plugins = ' (Hydra\'s launcher and sweeper plugins: pip install "gentrain[cluster]")' \
             if group in ("hydra/launcher", "hydra/sweeper") else ""
+        elsewhere = {"experiment": "baseline", "baseline": "experiment"}.get(group)
+        if elsewhere and (config_dir() / elsewhere / f"{choice}.yaml").is_file():
+            return f"{group}={choice} is not an option; {choice} is in configs/{elsewhere}: {elsewhere}={choice}"
         return f"{group}={choice} is not an option; choose from {', '.join(sorted(e.options))}{plugins}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     cause = e.__cause__

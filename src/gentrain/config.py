@@ -23,7 +23,7 @@ from gentrain.metrics import METRICS, SCORES, skipped_metrics
 from gentrain.models.prior import KINDS as PRIOR_KINDS
 
 # The config groups: on resume these cannot change, only keys inside them.
-GROUPS = ("model", "dataset", "optim", "optim/scheduler", "trainer", "experiment")
+GROUPS = ("model", "dataset", "optim", "optim/scheduler", "trainer", "baseline", "experiment")
 
 
 def config_dir() -> Path:
@@ -65,7 +65,8 @@ OPTIM = {"_target_": text(), "_partial_": choice(True), "lr": positive(), "betas
 
 SCHEMAS = {
     "train": {"seed": SEED, "resume": text(optional=True), "rollback": boolean, "trainer": TRAINER, "dataset": DATASET,
-              "metrics": METRICS_KEYS, "optim": OPTIM, "model": None, "experiment": anything,
+              "metrics": METRICS_KEYS, "optim": OPTIM, "model": None, "baseline": anything,
+              "experiment": anything,
               "hparams_search": anything},
     "sample": {"ckpt": text(), "n": integer(1, 1_000_000), "seed": SEED, "out": text(optional=True),
                "mode": choice("grid", "interpolate", "reconstruct"), "device": DEVICE, "batch_size": integer(1),
