@@ -24,9 +24,9 @@ VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot")
 def _one_line(e: Exception) -> str:
     from hydra.errors import MissingConfigException
 
-    from gentrain.config import config_dir
-
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        from gentrain.config import config_dir
+
         group, _, choice = e.missing_cfg_file.rpartition("/")
         plugins = ' (Hydra\'s launcher and sweeper plugins: pip install "gentrain[cluster]")' \
             if group in ("hydra/launcher", "hydra/sweeper") else ""

@@ -66,8 +66,7 @@ OPTIM = {"_target_": text(), "_partial_": choice(True), "lr": positive(), "betas
 SCHEMAS = {
     "train": {"seed": SEED, "resume": text(optional=True), "rollback": boolean, "trainer": TRAINER, "dataset": DATASET,
               "metrics": METRICS_KEYS, "optim": OPTIM, "model": None, "baseline": anything,
-              "experiment": anything,
-              "hparams_search": anything},
+              "experiment": anything, "hparams_search": anything},
     "sample": {"ckpt": text(), "n": integer(1, 1_000_000), "seed": SEED, "out": text(optional=True),
                "mode": choice("grid", "interpolate", "reconstruct"), "device": DEVICE, "batch_size": integer(1),
                "data_root": text(optional=True), "nrow": integer(1, optional=True),
