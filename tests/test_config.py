@@ -44,7 +44,7 @@ def test_cluster_configs_compose_with_their_plugins():
 
 
 def test_each_family_picks_its_own_optimizer_defaults():
-    assert compose_train("model=gan").optim.betas == [0.5, 0.999]
+    assert compose_train("model=gan").optim.betas == [0.5, 0.99]
     vae = compose_train("model=vae")
     assert vae.optim.lr == 1e-3 and vae.optim.betas == [0.9, 0.999]
     assert compose_train("model=vae", "optim=adamw").optim._target_ == "torch.optim.AdamW"
@@ -55,6 +55,7 @@ def test_experiment_presets_and_baselines_set_their_family():
     assert vae.model.family == "vae" and vae.optim.lr == 1e-3  # the family's optimizer follows the preset
     dcgan = compose_train("baseline=dcgan_mnist")
     assert dcgan.model.family == "gan" and dcgan.optim.lr == 2e-4 and dcgan.model.loss == "ns"
+    assert dcgan.optim.betas == [0.5, 0.999] and dcgan.model.ema == 0  # DCGAN's own optimizer, not the default's
     # the command line has the last word over a baseline, and a preset over a baseline, as in Hydra's defaults
     assert compose_train("baseline=dcgan_mnist", "trainer.steps=7").trainer.steps == 7
     assert compose_train("baseline=dcgan_mnist", "experiment=smoke").trainer.steps == 300
