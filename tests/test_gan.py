@@ -39,6 +39,54 @@ def test_ema_follows_its_warmup_schedule():
     assert torch.allclose(model.sample(z), torch.tanh(model.G(z)))
 
 
+def test_ema_samples_with_the_batch_norm_statistics_of_its_own_weights():
+    """Precise BN: before it samples, the EMA's running statistics are recomputed from its own weights over
+    fixed codes, once per update; a reloaded model computes the same ones."""
+    torch.manual_seed(0)
+    model = gan(ema=0.9)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.G.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # stands in for an optimizer step
+        model.after_step("G", step)
+    model.G(model.noise(32))  # G's own running statistics move with G, in train mode
+    model.eval()
+    z = model.noise(6)
+    samples = model.sample(z)
+    ema = model.G_ema.module
+    batches, size = model.G_ema.CODES
+    g = torch.Generator().manual_seed(0)
+    codes = torch.cat([model.noise(size, generator=g) for _ in range(batches)])
+    with torch.no_grad():
+        first = ema.net[0](codes[:, :, None, None])  # the activations the first batch norm normalises
+    assert torch.allclose(ema.net[1].running_mean, first.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(ema.net[1].running_mean, model.G.net[1].running_mean, atol=1e-3)
+    assert not ema.training and not model.G.training  # calibrating leaves the modes as they were
+
+    with torch.no_grad():
+        ema.net[1].running_mean.add_(1.0)
+    assert not torch.allclose(model.sample(z), samples)  # current: not recomputed until the next update
+    model.after_step("G", 3)
+    saved = model.state_dict()  # an update: recomputed, from the moved weights, for a checkpoint too
+    with torch.no_grad():
+        moved = ema.net[0](codes[:, :, None, None]).mean((0, 2, 3))
+    assert torch.allclose(saved["G_ema.module.net.1.running_mean"], moved, atol=1e-5)
+    assert not torch.allclose(moved, first.mean((0, 2, 3)), atol=1e-4)
+    expected = model.sample(z)
+
+    reloaded = gan(ema=0.9)
+    reloaded.load_state_dict(model.state_dict())
+    assert torch.allclose(reloaded.eval().sample(z), expected, atol=1e-6)
+
+
+def test_a_conditional_ema_calibrates_over_the_classes():
+    model = gan(classes=10, conditional=True, ema=0.9)
+    model.after_step("G", 0)
+    model.eval()
+    images = model.sample(model.noise(4), torch.tensor([0, 1, 2, 3]))
+    assert images.shape == (4, 1, 28, 28) and int(model.G_ema.calibrated_at) == 1
+
+
 def test_wgan_clips_d_after_its_step_only():
     model = gan(loss="wgan", clip=0.01)
     with torch.no_grad():

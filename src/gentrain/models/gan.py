@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.optim.swa_utils import update_bn
 
 from gentrain import dist
 from gentrain.checks import integer, positive
@@ -51,16 +52,31 @@ class Projection(nn.Module):
 class EMA(nn.Module):
     """An EMA of G's weights (Karras et al. 2018, Sec. 5; Yazici et al. 2019) whose decay ramps up as
     min(decay, (1 + n) / (10 + n)) over the first n updates, so early weights are not averaged in for long;
-    the first update copies G. Buffers (batch-norm statistics) are copied from G, not averaged.
+    the first update copies G.
+
+    Batch-norm statistics are not averaged: G's running statistics belong to G's own recent weights, not to
+    their average, and an EMA sampled with them draws from a shifted distribution. calibrate() recomputes
+    them from the EMA's own weights before it samples or is saved ("precise BN", Wu & Johnson 2021,
+    Sec. 3), on a fixed set of codes, once per update count.
 
     The count n stays on the device and nothing is read back, so an update costs no host sync and can be
     captured in a CUDA graph (torch's AveragedModel reads n on the host each update). The state-dict keys
     are AveragedModel's, module.* and n_averaged, so checkpoints written with it load."""
 
-    def __init__(self, G: nn.Module, decay: float):
+    # Calibration codes: 32 batches of 32. Channel statistics over 1,024 codes (times the feature map's
+    # pixels) do as well as over 4,096 (the default GAN at 5,000 steps, seed 0: FID 36.9 against 37.0),
+    # and batches of 32 keep a 512 px G's activations small.
+    CODES = (32, 32)
+
+    def __init__(self, G: nn.Module, decay: float, z_dim: int, num_classes: int = 0):
         super().__init__()
         self.module, self.decay = copy.deepcopy(G).requires_grad_(False), decay
+        self.z_dim, self.num_classes = z_dim, num_classes
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+        # the n_averaged its batch-norm statistics were computed at; not saved, so a loaded EMA recomputes them
+        self.register_buffer("calibrated_at", torch.tensor(-1, dtype=torch.long), persistent=False)
+        # a checkpoint holds the statistics its weights sample with
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.calibrate())
 
     def forward(self, *args):
         return self.module(*args)
@@ -72,9 +88,33 @@ class EMA(nn.Module):
         ema = list(self.module.parameters())
         torch._foreach_mul_(ema, beta)
         torch._foreach_add_(ema, torch._foreach_mul(list(G.parameters()), 1 - beta))
-        for mine, theirs in zip(self.module.buffers(), G.buffers()):
-            mine.copy_(theirs)
         self.n_averaged += 1
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """The batch-norm statistics of the EMA's weights over CODES, z ~ N(0, I) from a fixed seed (classes
+        in turn for a conditional G), unless they are current. One host sync; at sampling and saving only."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()) \
+                or self.calibrated_at.item() == self.n_averaged.item():
+            return
+        batches, size = self.CODES
+        g = torch.Generator().manual_seed(0)
+        codes = [torch.randn(size, self.z_dim, generator=g).to(self.n_averaged.device) for _ in range(batches)]
+        training = self.module.training
+        update_bn(codes, _OfCodes(self.module, self.num_classes))  # running stats averaged over the batches
+        self.module.train(training)
+        self.calibrated_at.copy_(self.n_averaged)
+
+
+class _OfCodes(nn.Module):
+    """G as a function of its codes alone (classes in turn), the one input torch's update_bn passes."""
+
+    def __init__(self, G: nn.Module, num_classes: int):
+        super().__init__()
+        self.G, self.num_classes = G, num_classes
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.G(z, torch.arange(len(z), device=z.device) % self.num_classes) if self.num_classes else self.G(z)
 
 
 class GAN(nn.Module):
@@ -150,7 +190,7 @@ class GAN(nn.Module):
             for m in list(self.D.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
                     spectral_norm(m)
-        self.G_ema = EMA(self.G, ema) if ema else None
+        self.G_ema = EMA(self.G, ema, z_dim, self.num_classes) if ema else None
         self.use_ema = bool(ema)  # sampling reads G_ema; `ema=false` at sample/eval time reads G
         self.capabilities = frozenset({EMA_CAPABILITY} if ema else ())
 
@@ -220,7 +260,10 @@ class GAN(nn.Module):
         one. A conditional model without labels y draws the classes in turn, 0, 1, 2, ..."""
         if self.num_classes and y is None:
             y = torch.arange(len(z), device=z.device) % self.num_classes
-        return self._generate(self.G_ema if self.use_ema and self.G_ema is not None else self.G, z, y)
+        if self.use_ema and self.G_ema is not None:
+            self.G_ema.calibrate()
+            return self._generate(self.G_ema, z, y)
+        return self._generate(self.G, z, y)
 
     def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
         cond = self._cond(y)
