@@ -132,3 +132,20 @@ def test_a_preempted_run_resumes_when_its_job_starts_again(data_root, tmp_path, 
     assert_one_line_error(gentrain(*args, f"hydra.run.dir={run}", check=False), "already holds a run")
     requeued = gentrain(*args, f"hydra.run.dir={run}", env={"SLURM_RESTART_COUNT": "1"})
     assert "stopped by its scheduler at step 300: resuming it" in requeued.stdout
+
+
+def test_sync_bn_converts_the_networks_that_train_and_leaves_the_ema():
+    """trainer.sync_bn: G's and D's batch norms sync over ranks; the EMA's, which calibrates on rank 0
+    alone, must not wait for the other ranks."""
+    from torch import nn
+
+    from gentrain import dist
+    from gentrain.models import build
+
+    model = build({"family": "gan", "z_dim": 8, "ch": 8, "ema": 0.99}, 1, 28)
+    keys = model.state_dict().keys()
+    dist.sync_batchnorm(model)
+    kinds = lambda net: {type(m) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert kinds(model.G) == kinds(model.D) == {nn.SyncBatchNorm}
+    assert kinds(model.G_ema) == {nn.BatchNorm2d}
+    assert model.state_dict().keys() == keys

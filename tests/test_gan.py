@@ -80,11 +80,34 @@ def test_ema_samples_with_the_batch_norm_statistics_of_its_own_weights():
 
 
 def test_a_conditional_ema_calibrates_over_the_classes():
-    model = gan(classes=10, conditional=True, ema=0.9)
+    """Code i of the calibration has class i mod num_classes, whatever the batch it falls in."""
+    torch.manual_seed(0)
+    model = gan(classes=3, conditional=True, ema=0.9)
     model.after_step("G", 0)
     model.eval()
-    images = model.sample(model.noise(4), torch.tensor([0, 1, 2, 3]))
-    assert images.shape == (4, 1, 28, 28) and int(model.G_ema.calibrated_at) == 1
+    images = model.sample(model.noise(4), torch.tensor([0, 1, 2, 0]))
+    assert images.shape == (4, 1, 28, 28)
+    batches, size = model.G_ema.CODES
+    g = torch.Generator().manual_seed(0)
+    codes = torch.cat([model.noise(size, generator=g) for _ in range(batches)])
+    ema = model.G_ema.module
+    y = torch.arange(len(codes)) % 3
+    with torch.no_grad():
+        first = ema.net[0](torch.cat([codes, ema.embed(y)], 1)[:, :, None, None])
+    assert torch.allclose(ema.net[1].running_mean, first.mean((0, 2, 3)), atol=2e-6)
+    assert torch.allclose(ema.net[1].running_var, first.var((0, 2, 3)), rtol=0.05)
+
+
+def test_an_ema_gan_pickles_and_loading_weights_recomputes_its_statistics():
+    import pickle
+
+    model = gan(ema=0.9)
+    model.after_step("G", 0)
+    model.eval().sample(model.noise(2))
+    assert int(model.G_ema.calibrated_at) == 1
+    pickle.dumps(model)
+    model.load_state_dict(gan(ema=0.9).state_dict())
+    assert int(model.G_ema.calibrated_at) == -1
 
 
 def test_wgan_clips_d_after_its_step_only():

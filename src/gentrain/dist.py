@@ -130,6 +130,16 @@ def broadcast_(module: torch.nn.Module) -> None:
             td.broadcast(t.data, 0)
 
 
+def sync_batchnorm(model: torch.nn.Module) -> None:
+    """trainer.sync_bn: batch-norm statistics over the global batch, not each rank's rows, in the networks
+    that train (the children with trainable parameters), in place. An EMA of weights never trains and runs
+    its batch norms on rank 0 alone (models/gan.py, EMA.calibrate), where a synced one would wait for the
+    other ranks."""
+    for name, net in model.named_children():
+        if any(p.requires_grad for p in net.parameters()):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(net))
+
+
 def agree(any_rank: bool = False, rank0: bool = False) -> tuple[bool, bool]:
     """Decisions every rank must take at the same step: (any rank asks for it, rank 0 says so).
 

@@ -244,8 +244,8 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
         best_by = evaluate.key(t.eval_metric)
 
     use_fast_kernels(device)
-    if t.get("sync_bn"):  # batch-norm statistics over the global batch, not each rank's rows
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if t.get("sync_bn"):
+        dist.sync_batchnorm(model)
     schedule = cfg.optim.get("scheduler")
     speed = fast.plan(t, device, amp, dist.world_size(), facts.points, scheduled=schedule is not None)
     model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()

@@ -75,8 +75,16 @@ class EMA(nn.Module):
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
         # the n_averaged its batch-norm statistics were computed at; not saved, so a loaded EMA recomputes them
         self.register_buffer("calibrated_at", torch.tensor(-1, dtype=torch.long), persistent=False)
-        # a checkpoint holds the statistics its weights sample with
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.calibrate())
+        self.register_state_dict_pre_hook(EMA._before_saving)  # a checkpoint holds the statistics it samples with
+        self.register_load_state_dict_post_hook(EMA._after_loading)
+
+    @staticmethod
+    def _before_saving(module: "EMA", prefix: str, keep_vars: bool) -> None:
+        module.calibrate()
+
+    @staticmethod
+    def _after_loading(module: "EMA", incompatible_keys) -> None:
+        module.calibrated_at.fill_(-1)
 
     def forward(self, *args):
         return self.module(*args)
@@ -93,28 +101,35 @@ class EMA(nn.Module):
     @torch.no_grad()
     def calibrate(self) -> None:
         """The batch-norm statistics of the EMA's weights over CODES, z ~ N(0, I) from a fixed seed (classes
-        in turn for a conditional G), unless they are current. One host sync; at sampling and saving only."""
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()) \
-                or self.calibrated_at.item() == self.n_averaged.item():
+        in turn for a conditional G), in fp32, unless they are current. Reads n back: sampling and saving
+        call it, never a training step."""
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+        if not has_bn or self.calibrated_at.item() == self.n_averaged.item():
             return
         batches, size = self.CODES
-        g = torch.Generator().manual_seed(0)
-        codes = [torch.randn(size, self.z_dim, generator=g).to(self.n_averaged.device) for _ in range(batches)]
+        g, device = torch.Generator().manual_seed(0), self.n_averaged.device
+        codes = [torch.randn(size, self.z_dim, generator=g).to(device) for _ in range(batches)]
         training = self.module.training
-        update_bn(codes, _OfCodes(self.module, self.num_classes))  # running stats averaged over the batches
-        self.module.train(training)
+        with torch.autocast(device.type, enabled=False):
+            update_bn(codes, Codes(self.module, self.num_classes))  # running stats: the mean over the batches
+        self.module.train(training)  # update_bn leaves the wrapper's own mode, train
         self.calibrated_at.copy_(self.n_averaged)
 
 
-class _OfCodes(nn.Module):
-    """G as a function of its codes alone (classes in turn), the one input torch's update_bn passes."""
+class Codes(nn.Module):
+    """G as a function of its codes alone, the one input torch's update_bn passes: a conditional G gets the
+    classes in turn across the calls (code i has class i mod num_classes)."""
 
     def __init__(self, G: nn.Module, num_classes: int):
         super().__init__()
-        self.G, self.num_classes = G, num_classes
+        self.G, self.num_classes, self.seen = G, num_classes, 0
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.G(z, torch.arange(len(z), device=z.device) % self.num_classes) if self.num_classes else self.G(z)
+        if not self.num_classes:
+            return self.G(z)
+        y = torch.arange(self.seen, self.seen + len(z), device=z.device) % self.num_classes
+        self.seen += len(z)
+        return self.G(z, y)
 
 
 class GAN(nn.Module):
