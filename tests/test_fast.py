@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, assert_one_line_error
+from gentrain.checkpoint import load_model
 from gentrain.models import build
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -232,6 +233,28 @@ def test_step_graph_replays_the_eager_steps():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), i
     assert graph.graph is not None  # steps 3.. were replays
     assert torch.allclose(eager[0].weight, graphed[0].weight, rtol=1e-5, atol=1e-6)
+
+
+def saves_the_emas_own_statistics(gentrain, run: Path, device: str) -> None:
+    """A run on `device` calibrates its EMA between steps (captured ones on a GPU); the batch-norm statistics
+    its checkpoint holds are the EMA's own, not G's: a fresh calibration of the loaded weights gives them again."""
+    gentrain("model=gan", *FAST, f"trainer.device={device}", "model.ema=0.9", "trainer.steps=2", f"hydra.run.dir={run}")
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    model, _ = load_model(run / "checkpoints" / "last.pt", torch.device(device))
+    model.G_ema.calibrate()
+    again = {f"G_ema.{k}": v.cpu() for k, v in model.G_ema.state_dict().items() if "running_" in k}
+    assert again and all(torch.allclose(again[k], saved[k], rtol=1e-4, atol=1e-5) for k in again)
+    assert all(saved[k].abs().sum() > 0 for k in again if k.endswith("running_mean"))  # not the init's zeros
+    assert not all(torch.allclose(saved[k.replace("G_ema.module.", "G.")], saved[k]) for k in again)
+
+
+def test_a_run_saves_the_emas_own_batch_norm_statistics(gentrain, tmp_path):
+    saves_the_emas_own_statistics(gentrain, tmp_path / "run", "cpu")
+
+
+@cuda
+def test_a_captured_run_saves_the_emas_own_batch_norm_statistics(gentrain, tmp_path):
+    saves_the_emas_own_statistics(gentrain, tmp_path / "run", "cuda")  # trainer.cuda_graphs=auto captures
 
 
 @cuda
