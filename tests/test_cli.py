@@ -8,7 +8,7 @@ from conftest import assert_one_line_error
 def test_help_lists_groups_choices_and_main_keys(gentrain):
     out = gentrain("--help").stdout
     for text in ("model: gan, vae", "dataset: cifar10, fashion_mnist, folder, grid25, mnist, ring8", "experiment:", "baseline:",
-                 "trainer.steps", "trainer.precision (auto|fp32|bf16|fp16)", "optim.lr", "gentrain sample",
+                 "trainer.steps", "trainer.precision (auto|fp32|tf32|bf16|fp16)", "optim.lr", "gentrain sample",
                  "model.loss (ns|minimax|wgan|wgan_gp|hinge|lsgan|ragan)", "optim.lr_D, optim.lr_G"):
         assert text in out, text
     assert out.rstrip().endswith("gentrain --hydra-help") and "gentrain --cfg job" in out

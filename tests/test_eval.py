@@ -170,7 +170,7 @@ def test_eval_errors_are_one_line(gentrain, metrics_cache, runs, tmp_path):
     assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", "dataset=fashion_mnist", check=False),
                           "drop dataset=")
     assert_one_line_error(gentrain("eval", f"ckpt={runs / 'gan'}", "precision=fp64", check=False),
-                          "precision must be one of auto|fp32|bf16|fp16, got 'fp64'")
+                          "precision must be one of auto|fp32|tf32|bf16|fp16, got 'fp64'")
 
 
 def test_eval_draws_its_samples_in_the_precision_asked_for(gentrain, metrics_cache, runs, tmp_path):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gentrain import data, dist, fast, models
 from gentrain.checks import anything, boolean, choice, integer, list_of, number, positive, text
-from gentrain.device import pick_device, pick_precision
+from gentrain.device import PRECISIONS, pick_device, pick_precision
 from gentrain.errors import GentrainError, unset
 from gentrain.loggers import LOGGERS
 from gentrain.metrics import METRICS, SCORES, skipped_metrics
@@ -41,7 +41,7 @@ SEED = integer(0, 2 ** 63 - 1)
 
 TRAINER = {
     "steps": integer(1), "max_minutes": positive(optional=True), "batch_size": integer(1), "device": DEVICE,
-    "devices": integer(1, 1024), "sync_bn": boolean, "precision": choice("auto", "fp32", "bf16", "fp16"),
+    "devices": integer(1, 1024), "sync_bn": boolean, "precision": choice("auto", *PRECISIONS),
     "channels_last": choice("auto", True, False), "compile": boolean,
     "cuda_graphs": choice("auto", True, False),
     "log_every": integer(1), "sample_every": integer(1), "ckpt_every": integer(1), "keep_every": integer(0),
@@ -72,7 +72,7 @@ SCHEMAS = {
                "data_root": text(optional=True), "nrow": integer(1, optional=True),
                "class": integer(0, optional=True), "ema": boolean, "prior": PRIOR, "prior_components": integer(1, 1000)},
     "eval": {"ckpt": text(optional=True), "n": integer(2, 1_000_000), "seed": SEED, "out": text(optional=True),
-             "device": DEVICE, "precision": choice("auto", "fp32", "bf16", "fp16"), "batch_size": integer(1),
+             "device": DEVICE, "precision": choice("auto", *PRECISIONS), "batch_size": integer(1),
              "data_root": text(optional=True), "ema": boolean, "prior": PRIOR, "prior_components": integer(1, 1000),
              "metrics": METRICS_KEYS, "dataset": DATASET},
     "encode": {"ckpt": text(), "input": text(), "out": text(), "n": integer(1, optional=True), "device": DEVICE,

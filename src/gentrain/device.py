@@ -4,7 +4,9 @@ import torch
 
 from gentrain.errors import GentrainError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The autocast dtype of each trainer.precision. fp32 and tf32 both keep fp32 weights and activations;
+# tf32 lets CUDA's matrix multiplies and convolutions round their inputs to TF32 on tensor cores.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -28,10 +30,12 @@ def pick_precision(name: str, device: torch.device, key: str = "trainer.precisio
     return PRECISIONS[name]
 
 
-def use_fast_kernels(device: torch.device) -> None:
-    """On CUDA: let cuDNN pick its fastest kernels for the fixed shapes of a run, and run fp32 matrix
-    multiplies and convolutions on TF32 tensor cores."""
+def use_fast_kernels(device: torch.device, precision: str) -> None:
+    """On CUDA: let cuDNN pick its fastest kernels for the fixed shapes of a run. TF32 tensor cores for fp32
+    matrix multiplies and convolutions everywhere but trainer.precision=fp32, which asks for IEEE fp32
+    (under bf16 or fp16 autocast they run in those; TF32 reaches the layers autocast keeps in fp32)."""
     if device.type == "cuda":
+        tf32 = precision != "fp32"
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32

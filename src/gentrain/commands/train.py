@@ -243,7 +243,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
         evaluate = Evaluator(cfg.metrics, d, model.capabilities, t.eval_n, cfg.seed, device, nll_n=t.eval_n, amp=amp)
         best_by = evaluate.key(t.eval_metric)
 
-    use_fast_kernels(device)
+    use_fast_kernels(device, t.precision)
     if t.get("sync_bn"):
         dist.sync_batchnorm(model)
     schedule = cfg.optim.get("scheduler")
