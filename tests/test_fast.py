@@ -201,6 +201,7 @@ def test_a_step_reads_nothing_back_from_the_gpu():
     data = ImageData(torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (256,)), 10)
     batches = Batches(data, 32, 0, device)
     for cfg in ({"family": "gan", "ch": 16, "ema": 0.99, "r1": 0.1, "r1_every": 1},
+                {"family": "gan", "ch": 16, "reuse_fakes": True},
                 {"family": "vae", "ch": 16, "kl_warmup_steps": 10, "binarize": True},
                 {"family": "vqvae", "ch": 16, "prior_ch": 16}):
         model = build(cfg, 1, 28).to(device)
@@ -385,9 +386,12 @@ LAZY = ["model.r1=0.1", "model.r1_every=2"]
 
 
 @cuda
-def test_captured_lazy_r1_trains_as_the_uncaptured_step(gentrain, tmp_path):
+@pytest.mark.parametrize("reuse", ["false", "true"])
+def test_captured_lazy_r1_trains_as_the_uncaptured_step(gentrain, tmp_path, reuse):
+    """With model.reuse_fakes, G's graph from D's phase crosses D's optimizer step and the Dreg phase
+    inside the captured step."""
     args = ["model=gan", *FAST, *LAZY, "trainer.device=cuda", "trainer.precision=fp32", "trainer.steps=12",
-            "model.ema=0.9"]
+            "model.ema=0.9", f"model.reuse_fakes={reuse}"]
     gentrain(*args, "trainer.cuda_graphs=false", f"hydra.run.dir={tmp_path / 'eager'}")
     gentrain(*args, f"hydra.run.dir={tmp_path / 'graphs'}")  # auto
     assert "with CUDA graphs" in log_of(tmp_path / "graphs") and "CUDA graphs" not in log_of(tmp_path / "eager")
@@ -397,14 +401,16 @@ def test_captured_lazy_r1_trains_as_the_uncaptured_step(gentrain, tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("layout", ["auto", "true"])
-def test_compile_with_channels_last_on_cuda(gentrain, tmp_path, layout):
+@pytest.mark.parametrize("layout, reuse", [("auto", "false"), ("true", "false"), ("auto", "true")])
+def test_compile_with_channels_last_on_cuda(gentrain, tmp_path, layout, reuse):
     """trainer.compile=true with the channels_last layout (auto: on CUDA), captured (auto) and not: the
-    weights of the plain step. On a torch whose inductor mispredicts channels_last convolution gradients
-    (pytorch#171622), auto trains in NCHW and channels_last=true is refused in one line."""
+    weights of the plain step, with G's fakes drawn in its phase or reused from D's. On a torch whose
+    inductor mispredicts channels_last convolution gradients (pytorch#171622), auto trains in NCHW and
+    channels_last=true is refused in one line."""
     from gentrain.fast import inductor_knows_nhwc_conv_grads
 
-    args = ["model=gan", *FAST, *LAZY, "trainer.device=cuda", "trainer.precision=fp32", "trainer.steps=8"]
+    args = ["model=gan", *FAST, *LAZY, "trainer.device=cuda", "trainer.precision=fp32", "trainer.steps=8",
+            f"model.reuse_fakes={reuse}"]
     compiled = [*args, "trainer.compile=true", f"trainer.channels_last={layout}"]
     if layout == "true" and not inductor_knows_nhwc_conv_grads():
         assert_one_line_error(gentrain(*compiled, check=False), "pytorch/pytorch#171622")

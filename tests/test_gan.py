@@ -1,4 +1,8 @@
-"""The GAN family's options: EMA, clipping, spectral norm, lazy R1, d_steps, TTUR, conditioning."""
+"""The GAN family's options: EMA, clipping, spectral norm, lazy R1, d_steps, TTUR, conditioning, reused fakes."""
+
+import copy
+import json
+import math
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ from gentrain import GentrainError
 from gentrain.models import build, grid_codes
 from gentrain.commands.train import lazy_ratio, optimizer_factory
 from gentrain.models import losses
+from gentrain.loop import Step
 from gentrain.models.family import Phase
 
 
@@ -173,6 +178,44 @@ def test_lazy_r1_keeps_ds_adam_per_batch_dynamics():
 
 def test_d_steps_repeat_the_d_phase():
     assert [p.name for p in gan(d_steps=5).phases] == ["D"] * 5 + ["G"]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reused_fakes_are_the_last_d_phases_scored_by_the_updated_d(reuse):
+    """model.reuse_fakes: G runs forward once per D phase and not in its own, and G's gradient is that of its
+    loss on the last D phase's fakes (codes and classes), scored by D after D's step (the PyTorch DCGAN
+    example's step). Without it, G's phase draws fakes of its own."""
+    torch.manual_seed(0)
+    model = gan(classes=10, conditional=True, loss="hinge", d_steps=2, reuse_fakes=reuse)
+    records = ("G",) if reuse else ()
+    assert model.phases == (Phase("D", "D"), Phase("D", "D", records=records), Phase("G", "G"))
+    optimizers = {"D": torch.optim.Adam(model.D.parameters(), lr=0.01),
+                  "G": torch.optim.SGD(model.G.parameters(), lr=0.0)}  # G keeps its weights and its .grad
+    scalers = {o: torch.amp.GradScaler("cpu", enabled=False) for o in optimizers}
+    inputs = [(torch.rand(4, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (4,))) for _ in model.phases]
+    codes = []
+    model.G.register_forward_hook(lambda m, args, out: codes.append([a.clone() for a in args]))
+    d_before = copy.deepcopy(model.D)
+    Step(model, optimizers, scalers, torch.device("cpu"), None)(model.phases, inputs, 0)
+    assert len(codes) == 3 - reuse and model._kept is None
+    z, y = codes[-1]
+    assert torch.equal(y, inputs[1 if reuse else 2][1])  # the last D phase's classes, or G's own batch's
+    gradient = lambda D: torch.autograd.grad(model.loss_fn.g(None, D(torch.tanh(model.G(z, y)), y).float()),
+                                             list(model.G.parameters()))
+    for got, want, old in zip([p.grad for p in model.G.parameters()], gradient(model.D), gradient(d_before)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert not all(torch.allclose(w, o, rtol=1e-4, atol=1e-7) for w, o in zip(gradient(model.D), gradient(d_before)))
+
+
+def test_reused_fakes_train_and_resume_through_the_cli(gentrain, tmp_path):
+    """With lazy R1 between the D and G phases, DiffAugment and the EMA: it trains, and resumes."""
+    run = tmp_path / "run"
+    gentrain("model=gan", "model.reuse_fakes=true", "model.r1=0.1", "model.r1_every=2", "model.augment=[translation]",
+             "trainer.steps=4", "trainer.batch_size=16", "trainer.log_every=2", "model.ch=8", f"hydra.run.dir={run}")
+    gentrain(f"resume={run}", "trainer.steps=6")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6] and all(math.isfinite(r["G/loss"]) for r in records)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["reuse_fakes"]
 
 
 def test_ttur_gives_each_phase_its_learning_rate():

@@ -143,12 +143,12 @@ class Step:
         self.model, self.optimizers, self.scalers, self.device, self.amp = model, optimizers, scalers, device, amp
         self.cache = cache  # autocast's weight cache; a CUDA graph cannot hold it
         self.params = {o: list(model.phase_parameters(o)) for o in optimizers}
-        self.training = None  # the optimizer whose parameters collect gradients now
+        self.training = None  # the optimizers whose parameters collect gradients now
 
     def __call__(self, phases, inputs: list[tuple], step: int | torch.Tensor) -> list[tuple]:
         out = []
         for phase, (x, y) in zip(phases, inputs):
-            self.train_only(phase.opt)
+            self.train_only((phase.opt, *phase.records))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                                 cache_enabled=self.cache):
                 loss, stats = self.model.loss(phase.name, x, y, step)
@@ -162,19 +162,21 @@ class Step:
             out.append((loss.detach(), stats))
         return out
 
-    def train_only(self, opt: str) -> None:
-        """Only `opt`'s parameters collect gradients (G's step does not fill D's .grad, nor compute it),
-        switched when the optimizer changes from the phase before, not every phase."""
-        if opt == self.training:
+    def train_only(self, opts: tuple[str, ...]) -> None:
+        """Only these optimizers' parameters collect gradients or record graphs (G's step does not fill D's
+        .grad, nor compute it), switched when the set changes from the phase before, not every phase."""
+        if opts == self.training:
             return
         if self.training is None:
             self.model.requires_grad_(False)
         else:
-            for p in self.params[self.training]:
-                p.requires_grad_(False)
-        for p in self.params[opt]:
-            p.requires_grad_(True)
-        self.training = opt
+            for o in self.training:
+                for p in self.params[o]:
+                    p.requires_grad_(False)
+        for o in opts:
+            for p in self.params[o]:
+                p.requires_grad_(True)
+        self.training = opts
 
 
 class Meter:

@@ -13,11 +13,14 @@ class Phase(NamedTuple):
     """One run of a training step: minimise `loss(name, ...)` with the optimizer `opt`, on the steps where
     step % every == 0. Phases that share an optimizer share its parameters and state, as StyleGAN2-ADA's
     Dmain and Dreg share D's Adam (Karras et al. 2020, training/training_loop.py). A phase may appear
-    several times in a step (a GAN's d_steps D updates); each run reads a batch of its own."""
+    several times in a step (a GAN's d_steps D updates); each run reads a batch of its own. `records` names
+    the optimizers of later phases whose networks this phase runs with their autograd graph kept, for a later
+    phase of the same step to differentiate (a GAN's D phase drawing the fakes that G's phase then scores)."""
 
     name: str
     opt: str
     every: int = 1
+    records: tuple[str, ...] = ()
 
 
 @runtime_checkable

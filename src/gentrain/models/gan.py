@@ -140,7 +140,8 @@ class GAN(nn.Module):
                  arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,
                  gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, ema: float = 0.0,
                  augment: list | str = (), augment_p: float | str = 1.0, ada_target: float = 0.6,
-                 ada_interval: int = 4, ada_kimg: float = 500, conditional: bool = False, num_classes: int = 0):
+                 ada_interval: int = 4, ada_kimg: float = 500, conditional: bool = False, num_classes: int = 0,
+                 reuse_fakes: bool = False):
         super().__init__()
         arch = resolve_arch(arch, image_size)
         self.z_dim, self.points, self.reconstructs = z_dim, arch == "mlp", arch == "lightweight"
@@ -170,10 +171,14 @@ class GAN(nn.Module):
             d_norm = "none" if sn or loss == "wgan_gp" or r1 > 0 else "batch"
 
         # The runs of one training step, which is one G update: D d_steps times, the lazy penalties as their
-        # own phase every few steps (StyleGAN2's Dreg), then G.
+        # own phase every few steps (StyleGAN2's Dreg), then G. With reuse_fakes, G's phase scores the fakes
+        # D's last phase trained on, with D's updated weights, as the PyTorch DCGAN example's step does: G runs
+        # forward once a step instead of twice, so that phase records G's graph.
+        self.reuse_fakes, self._kept = reuse_fakes, None
         lazy = {reg.every for reg in self.lazy}
-        self.phases = (*[Phase("D", "D")] * d_steps, *[Phase("Dreg", "D", every) for every in sorted(lazy)],
-                       Phase("G", "G"))
+        last_d = Phase("D", "D", records=("G",) if reuse_fakes else ())
+        self.phases = (*[Phase("D", "D")] * (d_steps - 1), last_d,
+                       *[Phase("Dreg", "D", every) for every in sorted(lazy)], Phase("G", "G"))
         # D gives one logit (or critic score) per example; G's raw output is squashed to [-1, 1] for images.
         if arch == "dcgan":
             self.G = Decoder(z_dim, channels, image_size, ch, num_classes=self.num_classes)
@@ -295,10 +300,14 @@ class GAN(nn.Module):
                 loss = loss + reg.weight * reg.every * term
                 stats[f"D/{reg.name}"] = term.detach()
             return loss, stats
-        z = per_example(lambda m: self.noise(m, device=x.device), len(x))
+        noise = lambda: per_example(lambda m: self.noise(m, device=x.device), len(x))
         if phase == "D":
-            with torch.no_grad():
-                fake = self._generate(self.G, z, y)
+            # G's graph is recorded only where G's parameters take gradients: in the phase that `records` G.
+            with torch.set_grad_enabled(self.reuse_fakes and torch.is_grad_enabled()):
+                fake = self._generate(self.G, noise(), y)
+            if self.reuse_fakes:
+                self._kept = (fake, y)
+            fake = fake.detach()
             real_in, fake_in = aug(x), aug(fake)
             recons = None
             if self.reconstructs:  # FastGAN's D also reconstructs the real images from its own features
@@ -326,7 +335,12 @@ class GAN(nn.Module):
             return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
         if phase != "G":
             raise ValueError(f"the GAN has no phase {phase!r}")
-        fake = self.D(aug(self._generate(self.G, z, y)), *cond).float()
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0].requires_grad:  # D's fakes of this step, their graph kept
+            fake, fake_y = kept
+        else:
+            fake, fake_y = self._generate(self.G, noise(), y), y
+        fake = self.D(aug(fake), *self._cond(fake_y)).float()
         real = None
         if self.loss_fn.g_reads_real:  # a relativistic loss compares with D's scores of real images
             with torch.no_grad():
