@@ -73,7 +73,7 @@ def test_bf16_steps_track_fp32(gentrain, tmp_path, device):
 def test_fp32_on_cuda_is_ieee_fp32_and_tf32_asks_for_tensor_cores():
     """trainer.precision=fp32 turns TF32 off for cuBLAS and cuDNN, every other precision turns it on (the flags
     are process-wide and can be set without a GPU); on the CPU nothing is touched."""
-    from gentrain.device import pick_precision, use_fast_kernels
+    from gentrain.device import pick_precision, use_fast_kernels, use_tf32
 
     saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -82,6 +82,9 @@ def test_fp32_on_cuda_is_ieee_fp32_and_tf32_asks_for_tensor_cores():
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32), precision
         use_fast_kernels(torch.device("cpu"), "tf32")
         assert not torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.benchmark = False
+        use_tf32(torch.device("cuda"), "tf32")  # evaluation: TF32 as asked, cuDNN's default kernel choice
+        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.benchmark
         assert pick_precision("tf32", torch.device("cpu")) is None  # fp32 weights and activations, no autocast
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

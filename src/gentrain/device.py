@@ -30,12 +30,17 @@ def pick_precision(name: str, device: torch.device, key: str = "trainer.precisio
     return PRECISIONS[name]
 
 
-def use_fast_kernels(device: torch.device, precision: str) -> None:
-    """On CUDA: let cuDNN pick its fastest kernels for the fixed shapes of a run. TF32 tensor cores for fp32
-    matrix multiplies and convolutions everywhere but trainer.precision=fp32, which asks for IEEE fp32
-    (under bf16 or fp16 autocast they run in those; TF32 reaches the layers autocast keeps in fp32)."""
+def use_tf32(device: torch.device, precision: str) -> None:
+    """On CUDA: TF32 tensor cores for fp32 matrix multiplies and convolutions everywhere but precision=fp32,
+    which asks for IEEE fp32 (under bf16 or fp16 autocast they run in those; TF32 reaches what autocast keeps
+    in fp32)."""
     if device.type == "cuda":
-        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def use_fast_kernels(device: torch.device, precision: str) -> None:
+    """For training on CUDA: TF32 as use_tf32 says, and cuDNN's fastest kernels for the fixed shapes of a
+    run, chosen by timing them (so not always the same ones: evaluation keeps cuDNN's default choice)."""
+    use_tf32(device, precision)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32

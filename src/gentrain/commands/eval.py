@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from gentrain import checkpoint, data, files, priors
 from gentrain.config import check, config_dir
-from gentrain.device import pick_device, pick_precision, use_fast_kernels
+from gentrain.device import pick_device, pick_precision, use_tf32
 from gentrain.errors import GentrainError, reported
 from gentrain.metrics.evaluator import Evaluator
 
@@ -28,6 +28,7 @@ def table(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     check("eval", cfg)
     device = pick_device(cfg.device, key="device")
+    use_tf32(device, cfg.precision)  # before anything runs on it, a fitted prior included
     if cfg.ckpt is not None and cfg.get("dataset") is not None:
         raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
                             "elsewhere), or drop ckpt= to score the real data")
@@ -49,10 +50,8 @@ def main(cfg: DictConfig) -> None:
     if model is not None and cfg.prior != "gaussian":
         prior = priors.use(model, ckpt, cfg.prior, cfg.prior_components, device, cfg.data_root, cfg.batch_size)
         print(f"prior={cfg.prior}: {prior}")
-    amp = pick_precision(cfg.precision, device, key="precision")
-    use_fast_kernels(device, cfg.precision)
-    evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device, amp=amp,
-                          batch_size=cfg.batch_size)
+    evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device,
+                          amp=pick_precision(cfg.precision, device, key="precision"), batch_size=cfg.batch_size)
     if not evaluator.compute:
         raise GentrainError("nothing to compute: " + "; ".join(f"{m} {why}" for m, why in evaluator.skipped.items()))
     if model is None:

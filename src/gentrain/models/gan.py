@@ -172,8 +172,8 @@ class GAN(nn.Module):
 
         # The runs of one training step, which is one G update: D d_steps times, the lazy penalties as their
         # own phase every few steps (StyleGAN2's Dreg), then G. With reuse_fakes, G's phase scores the fakes
-        # D's last phase trained on, with D's updated weights, as the PyTorch DCGAN example's step does: G runs
-        # forward once a step instead of twice, so that phase records G's graph.
+        # D's last phase trained on, with D's updated weights, as the PyTorch DCGAN example's step does: one G
+        # forward fewer a step, so that phase records G's graph.
         self.reuse_fakes, self._kept = reuse_fakes, None
         lazy = {reg.every for reg in self.lazy}
         last_d = Phase("D", "D", records=("G",) if reuse_fakes else ())
@@ -305,7 +305,7 @@ class GAN(nn.Module):
             # G's graph is recorded only where G's parameters take gradients: in the phase that `records` G.
             with torch.set_grad_enabled(self.reuse_fakes and torch.is_grad_enabled()):
                 fake = self._generate(self.G, noise(), y)
-            if self.reuse_fakes:
+            if fake.requires_grad:  # the phase that records G: G's phase scores these
                 self._kept = (fake, y)
             fake = fake.detach()
             real_in, fake_in = aug(x), aug(fake)
