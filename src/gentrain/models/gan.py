@@ -336,7 +336,7 @@ class GAN(nn.Module):
         if phase != "G":
             raise ValueError(f"the GAN has no phase {phase!r}")
         kept, self._kept = self._kept, None
-        if kept is not None and kept[0].requires_grad:  # D's fakes of this step, their graph kept
+        if kept is not None:  # D's fakes of this step, their graph kept (only such fakes are)
             fake, fake_y = kept
         else:
             fake, fake_y = self._generate(self.G, noise(), y), y
