@@ -106,6 +106,8 @@ def test_checkpoints_from_before_the_family_contract_load_sample_and_resume(gent
     shutil.copy(FIXTURES / f"{name}.pt", run / "checkpoints" / "last.pt")
     old = checkpoint.load(run)
     assert old.step == 2 and old.config.dataset.root == "/work/data"
+    if name == "gan_c017a14":  # format 1, lazy R1 with d_norm=auto: D without batch norm, written out
+        assert old.model_config["r1"] > 0 and old.model_config["d_norm"] == "none"
     gentrain("sample", f"ckpt={run}", "n=4", f"out={tmp_path / 'grid.png'}")
     assert (tmp_path / "grid.png").is_file()
     gentrain(f"resume={run}", "trainer.steps=4", f"dataset.root={data_root}", "trainer.log_every=1")

@@ -173,8 +173,9 @@ def test_benchmark_runs_on_cpu_and_counts_the_classic_dcgan_flops(data_root, tmp
     import benchmark
 
     # The classic DCGAN-64 step (pytorch/examples dcgan) costs 2.44 GFLOP per image, and so does gentrain's
-    # default step, whose G phase scores D's fakes as the classic one does; drawing them anew for G's phase
-    # (model.reuse_fakes=false) costs a forward pass of G more.
+    # default step (its lazy R1 phase, one step in 16, left out of the count), whose G phase scores D's fakes
+    # as the classic one does; drawing them anew for G's phase (model.reuse_fakes=false) costs a forward pass
+    # of G more.
     cfg = benchmark.config([*benchmark.ROWS["dcgan64_b64"], f"dataset.root={data_root}"])
     cpu = torch.device("cpu")
     torch.manual_seed(0)

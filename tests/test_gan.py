@@ -141,10 +141,10 @@ def test_spectral_norm_bounds_every_d_layer():
         assert abs(sigma.item() - 1) < 0.05
 
 
-def test_d_norm_auto_keeps_batch_norm_only_without_penalties():
+def test_d_norm_auto_drops_batch_norm_for_wgan_gp_and_spectral_norm_only():
     has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm2d) for x in m.D.modules())
-    assert has_bn(gan()) and has_bn(gan(loss="hinge"))
-    assert not has_bn(gan(loss="wgan_gp")) and not has_bn(gan(r1=1.0)) and not has_bn(gan(sn=True))
+    assert has_bn(gan()) and has_bn(gan(loss="hinge")) and has_bn(gan(r1=1.0))
+    assert not has_bn(gan(loss="wgan_gp")) and not has_bn(gan(sn=True)) and not has_bn(gan(r1=1.0, d_norm="none"))
     assert has_bn(gan(loss="wgan_gp", d_norm="batch"))
 
 

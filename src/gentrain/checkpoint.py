@@ -25,7 +25,9 @@ from gentrain.models.family import EMA
 
 log = logging.getLogger("gentrain")
 
-FORMAT, VERSION = "gentrain", 1
+# Format 2 (2026-12-04): a GAN's model.d_norm=auto keeps D's batch norm with R1; format 1 left it out
+# (a format-1 checkpoint is read with that choice written out, as model.d_norm=none).
+FORMAT, VERSION = "gentrain", 2
 REQUIRED = ("family", "config", "data", "step", "model")
 
 
@@ -307,6 +309,9 @@ def load(path) -> Checkpoint:
     if missing:
         raise GentrainError(f"{path} is an incomplete gentrain checkpoint (missing {', '.join(missing)})")
     _check_facts(path, ckpt)
+    model = ckpt["config"]["model"]
+    if ckpt.get("version", 0) < 2 and ckpt["family"] == "gan" and model.get("d_norm") == "auto" and model.get("r1"):
+        model["d_norm"] = "none"
     return Checkpoint(path, ckpt)
 
 
