@@ -25,7 +25,7 @@ def weights(path):
 
 
 @pytest.mark.parametrize("family, dataset, keys", [
-    ("gan", "mnist", {"D/loss", "G/loss", "D/real", "D/fake"}),  # hinge: raw scores
+    ("gan", "mnist", {"D/loss", "G/loss", "D/real", "D/fake", "D/r1"}),  # hinge: raw scores; lazy R1
     ("vae", "fashion_mnist", {"vae/loss", "vae/recon", "vae/kl", "vae/nelbo"}),
 ])
 def test_train_writes_a_complete_run_folder(gentrain, tmp_path, family, dataset, keys):

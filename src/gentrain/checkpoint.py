@@ -309,8 +309,8 @@ def load(path) -> Checkpoint:
     if missing:
         raise GentrainError(f"{path} is an incomplete gentrain checkpoint (missing {', '.join(missing)})")
     _check_facts(path, ckpt)
-    model = ckpt["config"]["model"]
-    if ckpt.get("version", 0) < 2 and ckpt["family"] == "gan" and model.get("d_norm") == "auto" and model.get("r1"):
+    model = ckpt["config"]["model"]  # format 1: a D with R1 (a GAN's keys) left its batch norm out under auto
+    if ckpt.get("version", 0) < 2 and model.get("d_norm") == "auto" and model.get("r1"):
         model["d_norm"] = "none"
     return Checkpoint(path, ckpt)
 
