@@ -198,6 +198,20 @@ def test_benchmark_runs_on_cpu_and_counts_the_classic_dcgan_flops(data_root, tmp
     assert proc.stdout.count("| dcgan64_b64 |") == 2 and "vs reference" in proc.stdout
 
 
+def test_step_time_compares_two_configs_interleaved(data_root):
+    """scripts/step_time.py: both configs' median ms a step and their ratio, the lazy R1 phase on its steps."""
+    tiny = ["model=gan", "model.ch=8", "trainer.batch_size=8"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "step_time.py"), "--a", *tiny, "model.r1=0",
+                           "--b", *tiny, "--rounds", "3", "--steps", "16"],
+                          env={**os.environ, "GENTRAIN_DATA": str(data_root)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a, b, ratio = proc.stdout.strip().splitlines()
+    assert a.startswith("A model=gan") and "model.r1=0:" in a and b.startswith("B model=gan model.ch=8 trainer.batch_size=8:")
+    medians = [float(line.rsplit(": ", 1)[1].split()[0]) for line in (a, b)]
+    assert all(m > 0 for m in medians) and float(ratio.split()[1]) > 0 and "(median of 2 rounds)" in ratio
+
+
 @cuda
 def test_a_step_reads_nothing_back_from_the_gpu():
     """No host sync in a step that does not log: the families' losses, fused Adam, the EMA update and the
