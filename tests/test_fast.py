@@ -71,17 +71,22 @@ def test_bf16_steps_track_fp32(gentrain, tmp_path, device):
 
 
 def test_fp32_on_cuda_is_ieee_fp32_and_tf32_asks_for_tensor_cores():
-    """trainer.precision=fp32 turns TF32 off for cuBLAS and cuDNN, every other precision turns it on (the flags
-    are process-wide and can be set without a GPU); on the CPU nothing is touched."""
-    from gentrain.device import pick_precision, use_fast_kernels, use_tf32
+    """The plan's precision: trainer.precision=fp32 turns TF32 off for cuBLAS and cuDNN, every other precision
+    turns it on, and cuDNN times its kernels (the flags are process-wide and can be set without a GPU); on the
+    CPU nothing is touched."""
+    from gentrain import fast
+    from gentrain.device import pick_precision, use_tf32
 
     saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         for precision, tf32 in [("fp32", False), ("tf32", True), ("bf16", True), ("auto", True), ("fp32", False)]:
-            use_fast_kernels(torch.device("cuda"), precision)
+            speed = fast.plan(trainer(precision=precision), torch.device("cuda"), 1, points=False)
+            speed.apply()
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32), precision
-        use_fast_kernels(torch.device("cpu"), "tf32")
-        assert not torch.backends.cuda.matmul.allow_tf32
+            assert torch.backends.cudnn.benchmark and speed.fused and speed.cudnn_benchmark
+        cpu = fast.plan(trainer(precision="tf32"), torch.device("cpu"), 1, points=False)
+        cpu.apply()
+        assert not torch.backends.cuda.matmul.allow_tf32 and not (cpu.tf32 or cpu.fused or cpu.cudnn_benchmark)
         torch.backends.cudnn.benchmark = False
         use_tf32(torch.device("cuda"), "tf32")  # evaluation: TF32 as asked, cuDNN's default kernel choice
         assert torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.benchmark
@@ -101,57 +106,64 @@ def test_ema_keeps_the_state_dict_of_torchs_averaged_model():
 def trainer(**settings):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({"channels_last": "auto", "compile": False, "cuda_graphs": "auto", **settings})
+    return OmegaConf.create({"precision": "bf16", "channels_last": "auto", "compile": False, "cuda_graphs": "auto",
+                             **settings})
 
 
-@pytest.mark.parametrize("device, amp, processes, why", [
-    ("cpu", None, 1, "it runs on cpu, and CUDA graphs need a CUDA GPU"),
-    ("cuda", torch.float16, 1, "fp16's GradScaler reads its overflow check back to the host; use trainer.precision=bf16 or fp32"),
-    ("cuda", torch.bfloat16, 2, "it runs in 2 processes, whose gradient all-reduce is not captured yet"),
+@pytest.mark.parametrize("device, precision, processes, why", [
+    ("cpu", "fp32", 1, "it runs on cpu, and CUDA graphs need a CUDA GPU"),
+    ("cuda", "fp16", 1, "fp16's GradScaler reads its overflow check back to the host; use trainer.precision=bf16 or fp32"),
+    ("cuda", "bf16", 2, "it runs in 2 processes, whose gradient all-reduce is not captured yet"),
 ])
-def test_cuda_graphs_auto_says_why_it_does_not_capture(device, amp, processes, why):
+def test_cuda_graphs_auto_says_why_it_does_not_capture(device, precision, processes, why):
     """Every configuration auto leaves uncaptured, with its reason; trainer.cuda_graphs=true refuses it in one
     line, and false is never captured. (The device is only named here: nothing runs on it.)"""
     from gentrain import fast
     from gentrain.errors import GentrainError
 
-    device = torch.device(device)
-    auto = fast.plan(trainer(), device, amp, processes, points=False)
+    device, t = torch.device(device), lambda **kw: trainer(precision=precision, **kw)
+    auto = fast.plan(t(), device, processes, points=False)
     assert (auto.cuda_graphs, auto.uncaptured) == (False, why)
     with pytest.raises(GentrainError, match=f"^trainer.cuda_graphs=true cannot capture this run's step: {why}$"):
-        fast.plan(trainer(cuda_graphs=True), device, amp, processes, points=False)
-    assert fast.plan(trainer(cuda_graphs=False), device, amp, processes, points=False).uncaptured is None
+        fast.plan(t(cuda_graphs=True), device, processes, points=False)
+    assert fast.plan(t(cuda_graphs=False), device, processes, points=False).uncaptured is None
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_cuda_graphs_auto_captures_one_process_in_bf16_or_fp32_on_cuda(amp):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_auto_captures_one_process_in_bf16_or_fp32_on_cuda(precision):
     from gentrain import fast
 
     cuda = torch.device("cuda")
-    speed = fast.plan(trainer(), cuda, amp, 1, points=False)
-    assert speed.cuda_graphs and speed.uncaptured is None and speed.channels_last
-    assert "CUDA graphs" in speed.describe()
-    assert fast.plan(trainer(compile=True), cuda, amp, 1, points=True).describe() == \
-        ["torch.compile", "CUDA graphs"]  # points: no conv layout to choose
+    speed = fast.plan(trainer(precision=precision), cuda, 1, points=False)
+    assert speed.cuda_graphs and speed.uncaptured is None and speed.channels_last and not speed.strict
+    assert "CUDA graphs" in speed.describe() and fast.plan(trainer(cuda_graphs=True), cuda, 1, points=False).strict
+    amp = ["torch.bfloat16"] if precision == "bf16" else []
+    assert fast.plan(trainer(precision=precision, compile=True), cuda, 1, points=True).describe() == \
+        [*amp, "torch.compile", "CUDA graphs"]  # points: no conv layout to choose
 
 
-def test_compile_keeps_nchw_where_inductor_mispredicts_channels_last_gradients(monkeypatch):
+@pytest.mark.parametrize("fixed", [True, False])
+def test_compile_keeps_nchw_where_inductor_mispredicts_channels_last_gradients(monkeypatch, fixed):
     """On a torch whose inductor predicts NCHW gradients for a channels_last convolution (pytorch#171622),
     trainer.compile on CUDA keeps the eager layout and inductor's own NCHW, and channels_last=true with it
-    is refused in one line; on a torch with the fix, and on the CPU, nothing changes."""
+    is refused in one line; on a torch with the fix, and on the CPU, nothing changes. Both answers of the
+    probe are played, whichever this torch gives (torch 2.14 has the fix, 2.11 lacks it)."""
     from gentrain import fast
     from gentrain.errors import GentrainError
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fast.inductor_knows_nhwc_conv_grads()  # torch 2.14 has the fix
-    fixed = fast.plan(trainer(compile=True), cuda, torch.bfloat16, 1, points=False)
-    assert fixed.channels_last and fixed.compile_options == {}
-    monkeypatch.setattr(fast, "inductor_knows_nhwc_conv_grads", lambda: False)
-    old = fast.plan(trainer(compile=True), cuda, torch.bfloat16, 1, points=False)
-    assert (old.channels_last, old.compile_options, old.cuda_graphs) == (False, {"layout_optimization": False}, True)
-    with pytest.raises(GentrainError, match="pytorch/pytorch#171622"):
-        fast.plan(trainer(compile=True, channels_last=True), cuda, torch.bfloat16, 1, points=False)
-    assert fast.plan(trainer(compile=True, channels_last=True), cpu, None, 1, points=False).channels_last
+    assert isinstance(fast.inductor_knows_nhwc_conv_grads(), bool)  # the probe runs on this torch
+    monkeypatch.setattr(fast, "inductor_knows_nhwc_conv_grads", lambda: fixed)
+    speed = fast.plan(trainer(compile=True), cuda, 1, points=False)
+    if fixed:
+        assert speed.channels_last and speed.compile_options == {}
+        assert fast.plan(trainer(compile=True, channels_last=True), cuda, 1, points=False).channels_last
+    else:
+        assert (speed.channels_last, speed.compile_options, speed.cuda_graphs) == \
+            (False, {"layout_optimization": False}, True)
+        with pytest.raises(GentrainError, match="pytorch/pytorch#171622"):
+            fast.plan(trainer(compile=True, channels_last=True), cuda, 1, points=False)
+    assert fast.plan(trainer(precision="fp32", compile=True, channels_last=True), cpu, 1, points=False).channels_last
 
 
 def test_a_cpu_run_says_its_step_is_not_captured(gentrain, tmp_path):

@@ -72,7 +72,11 @@ def test_ema_samples_with_the_batch_norm_statistics_of_its_own_weights():
         ema.net[1].running_mean.add_(1.0)
     assert not torch.allclose(model.sample(z), samples)  # current: not recomputed until the next update
     model.after_step("G", 3)
-    saved = model.state_dict()  # an update: recomputed, from the moved weights, for a checkpoint too
+    untouched = model.state_dict()["G_ema.module.net.1.running_mean"].clone()
+    assert torch.equal(model.state_dict()["G_ema.module.net.1.running_mean"], untouched)  # state_dict() only reads
+    model.calibrate_ema()  # what the loop calls before it writes a checkpoint: recomputed, from the moved weights
+    saved = model.state_dict()
+    assert not torch.allclose(saved["G_ema.module.net.1.running_mean"], untouched)
     with torch.no_grad():
         moved = ema.net[0](codes[:, :, None, None]).mean((0, 2, 3))
     assert torch.allclose(saved["G_ema.module.net.1.running_mean"], moved, atol=1e-5)
@@ -196,8 +200,11 @@ def test_reused_fakes_are_the_last_d_phases_scored_by_the_updated_d(reuse):
     codes = []
     model.G.register_forward_hook(lambda m, args, out: codes.append([a.clone() for a in args]))
     d_before = copy.deepcopy(model.D)
+    plain_attributes = lambda m: {k: (type(v), id(v)) for k, v in vars(m).items() if not k.startswith("_")}
+    attributes = plain_attributes(model)
     Step(model, optimizers, scalers, torch.device("cpu"), None)(model.phases, inputs, 0)
-    assert len(codes) == 3 - reuse and model._kept is None
+    assert len(codes) == 3 - reuse
+    assert plain_attributes(model) == attributes  # nothing handed over through the model: the step's carry did it
     z, y = codes[-1]
     assert torch.equal(y, inputs[1 if reuse else 2][1])  # the last D phase's classes, or G's own batch's
     gradient = lambda D: torch.autograd.grad(model.loss_fn.g(None, D(torch.tanh(model.G(z, y)), y).float()),

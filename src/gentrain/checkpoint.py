@@ -125,6 +125,8 @@ class Resumed:
 def training_state(meta: dict, step: int, seconds: float, model, optimizers: dict, scalers: dict, schedulers: dict,
                    device, log: dict, best: dict | None, preempted: bool = False) -> dict:
     """Everything a run needs to continue from `step` exactly, as one checkpoint dict."""
+    if EMA in model.capabilities:
+        model.calibrate_ema()  # the batch-norm statistics the EMA samples with, saved beside its weights
     return {**meta, "step": step, "seconds": seconds,
             "model": model.state_dict(),
             "optim": {p: o.state_dict() for p, o in optimizers.items()},

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gentrain import data, dist, fast, models
 from gentrain.checks import anything, boolean, choice, integer, list_of, number, positive, text
-from gentrain.device import PRECISIONS, pick_device, pick_precision
+from gentrain.device import PRECISIONS, pick_device
 from gentrain.errors import GentrainError, unset
 from gentrain.loggers import LOGGERS
 from gentrain.metrics import METRICS, SCORES, skipped_metrics
@@ -222,7 +222,6 @@ def check_train(cfg: DictConfig) -> None:
 
     # Where it runs.
     device = pick_device(t.device)  # also: cuda asked for where torch sees none
-    amp = pick_precision(t.precision, device)
     processes = max(t.devices, dist.world_size())
     if t.batch_size % processes:
         raise GentrainError(f"trainer.batch_size={t.batch_size} must split evenly over {processes} "
@@ -231,4 +230,4 @@ def check_train(cfg: DictConfig) -> None:
         raise GentrainError("trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                             "on CPU each process normalises its own rows")
     # A fast-path switch set to true that cannot work here:
-    fast.plan(t, device, amp, processes, facts.points, scheduled=cfg.optim.get("scheduler") is not None)
+    fast.plan(t, device, processes, facts.points, scheduled=cfg.optim.get("scheduler") is not None)

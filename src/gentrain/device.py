@@ -37,10 +37,3 @@ def use_tf32(device: torch.device, precision: str) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
-
-def use_fast_kernels(device: torch.device, precision: str) -> None:
-    """For training on CUDA: TF32 as use_tf32 says, and cuDNN's fastest kernels for the fixed shapes of a
-    run, chosen by timing them (so not always the same ones: evaluation keeps cuDNN's default choice)."""
-    use_tf32(device, precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True

@@ -1,42 +1,67 @@
-"""The fast path the loop switches on: channels_last memory layout, torch.compile, and a whole training
-step captured as one CUDA graph, decided once per run by `plan`.
+"""The fast path of a training run: every decision about the hardware (precision, TF32 and cuDNN flags,
+memory format, fused and capturable optimizers, torch.compile, CUDA-graph capture) made once by `plan` from
+the config and the machine, and the captured step that checks itself against the eager one (StepGraphs).
 
 None of these changes what a step computes, only how fast it runs: a step with them on and off takes
 the same arithmetic up to floating-point order (tests/test_fast.py checks it on CPU, and on CUDA where
-there is one).
+there is one). Where that does not hold on some machine, the captured step's own check sees it and the run
+goes on uncaptured (trainer.cuda_graphs=auto) or stops in one line (true).
 """
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from gentrain.device import pick_precision
 from gentrain.errors import GentrainError
+
+log = logging.getLogger("gentrain")
 
 
 @dataclass(frozen=True)
 class FastPath:
-    """What a run switches on. `uncaptured` says why a step that trainer.cuda_graphs=auto would capture is
-    not (None when it is captured, or when capture was switched off)."""
+    """What a run switches on, decided by `plan`. `uncaptured` says why a step that trainer.cuda_graphs=auto
+    would capture is not (None when it is captured, or when capture was switched off); `strict`: capture was
+    asked for (trainer.cuda_graphs=true), so a capture that fails its check is an error, not a fallback."""
 
+    device: torch.device = torch.device("cpu")
+    amp: torch.dtype | None = None   # the autocast dtype; None: fp32 weights and activations
+    tf32: bool = False               # TF32 tensor cores for fp32 matrix multiplies and convolutions (CUDA)
+    cudnn_benchmark: bool = False    # cuDNN times its kernels for the run's fixed shapes and keeps the fastest
     channels_last: bool = False
+    fused: bool = False              # torch's fused optimizer kernels: one launch per parameter set
     compile: bool = False
     compile_options: dict = field(default_factory=dict)
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False        # the step captured and replayed; its optimizers keep their state on the device
+    strict: bool = False
     uncaptured: str | None = None
 
+    def apply(self) -> None:
+        """The process-wide backend flags of this plan (CUDA's; the CPU has none to set)."""
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
+
     def describe(self) -> list[str]:
-        return [name for name, on in (("channels_last", self.channels_last), ("torch.compile", self.compile),
+        return [name for name, on in ((str(self.amp), self.amp is not None), ("TF32", self.tf32 and self.amp is None),
+                                      ("channels_last", self.channels_last), ("torch.compile", self.compile),
                                       ("CUDA graphs", self.cuda_graphs)) if on]
 
 
-def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, points: bool,
-         scheduled: bool = False) -> FastPath:
-    """The trainer's channels_last, compile and cuda_graphs settings for a run on `device` in `amp` over
+def plan(t, device: torch.device, processes: int, points: bool, scheduled: bool = False) -> FastPath:
+    """The trainer's precision, channels_last, compile and cuda_graphs settings for a run on `device` over
     `processes` processes, `scheduled` with a learning-rate schedule; a switch set to true that cannot work
-    here is one GentrainError line."""
+    here is one GentrainError line. The single place these are decided (nanoGPT's block of dtype, TF32 and
+    autocast at the top of train.py, grown to the rest of the fast path)."""
+    cuda = device.type == "cuda"
+    amp = pick_precision(t.precision, device)
+    # fp32 on CUDA is IEEE fp32; every other precision lets cuBLAS and cuDNN round fp32 inputs to TF32 (under
+    # bf16 autocast that reaches what autocast keeps in fp32).
+    tf32 = cuda and t.precision != "fp32"
     compile_options, channels_last = {}, _channels_last(t.channels_last, device, points)
-    if t.compile and device.type == "cuda" and not inductor_knows_nhwc_conv_grads():
+    if t.compile and cuda and not inductor_knows_nhwc_conv_grads():
         # This torch's inductor predicts NCHW strides for the gradients of a channels_last convolution
         # where cuDNN returns NHWC ones, and its compiled backward then fails a stride assertion
         # (pytorch/pytorch#171622; seen with ConvTranspose2d, on torch 2.11). Its own layout optimisation
@@ -50,15 +75,16 @@ def plan(t, device: torch.device, amp: torch.dtype | None, processes: int, point
     if t.cuda_graphs is True and why:
         raise GentrainError(f"trainer.cuda_graphs=true cannot capture this run's step: {why}")
     capture = t.cuda_graphs is True or (t.cuda_graphs == "auto" and why is None)
-    return FastPath(channels_last, bool(t.compile), compile_options, capture,
-                    why if t.cuda_graphs == "auto" else None)
+    return FastPath(device, amp, tf32, cudnn_benchmark=cuda, channels_last=channels_last, fused=cuda,
+                    compile=bool(t.compile), compile_options=compile_options, cuda_graphs=capture,
+                    strict=t.cuda_graphs is True, uncaptured=why if t.cuda_graphs == "auto" else None)
 
 
 def uncapturable(device: torch.device, amp: torch.dtype | None, processes: int, scheduled: bool = False) -> str | None:
     """Why a training step on `device` in `amp` over `processes` processes (`scheduled`: with a learning-rate
     schedule) cannot be one CUDA graph, or None. Every family's step reads nothing back to the host
     (tests/test_fast.py), so that is not a reason."""
-    if device.type != "cuda":
+    if device.type not in CAPTURE:
         return f"it runs on {device.type}, and CUDA graphs need a CUDA GPU"
     if amp is torch.float16:
         return "fp16's GradScaler reads its overflow check back to the host; use trainer.precision=bf16 or fp32"
@@ -104,59 +130,184 @@ def compile_networks(model: torch.nn.Module, options: dict | None = None) -> Non
         net.compile(options=options or None)
 
 
-class StepGraphs:
-    """trainer.cuda_graphs: a StepGraph for each set of phases a step can run, so a phase that runs every k
-    steps (lazy regularisation) is in the graph replayed on its steps and absent from the other one."""
+# The captured step.
 
-    def __init__(self, step_fn, device: torch.device):
-        self.step_fn, self.device, self.graphs = step_fn, device, {}
+class CudaCapture:
+    """How a step is captured on a CUDA GPU (torch.cuda.graph; PyTorch's CUDA semantics notes, "CUDA
+    Graphs"). One memory pool for all of a run's graphs, so a run with lazy regularisation (two graphs) holds
+    one set of static activations; capture_error_mode="thread_local", so another thread's CUDA calls (a
+    DataLoader's pin-memory thread) cannot invalidate the capture (pytorch/pytorch#175425). Warm-up and check
+    steps run on a side stream, as capture requires. Tests replace it (CAPTURE) to play a GPU on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pool, self.side = device, torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+
+    def eager(self, fn):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.side)
+        return out
+
+    def capture(self, fn):
+        """fn's kernels recorded (not run) as a graph: returns (graph with replay(), fn's static outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
+    def rng_state(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), torch.cuda.get_rng_state(self.device)]
+
+    def set_rng_state(self, state: list[torch.Tensor]) -> None:
+        torch.set_rng_state(state[0])
+        torch.cuda.set_rng_state(state[1], self.device)
+
+
+# A capture backend for each device type that has one; `uncapturable` reads it.
+CAPTURE = {"cuda": CudaCapture}
+
+# The relative tolerance of the captured-vs-eager check, by autocast dtype: what the CUDA tests allow a
+# captured run against an eager one (tests/test_fast.py reads it from here).
+CHECK_RTOL = {None: 1e-3, torch.bfloat16: 2e-2}
+
+
+class StepState:
+    """The state one training step changes, named in one place so it can be snapshot and restored: every
+    parameter and buffer of the model (EMA, ADA's statistics, spectral norm's vectors), every optimizer
+    state tensor, and the RNG. Nothing else survives a step: what one phase hands the next lives in the
+    step's `carry` (loop.Step). Restored in place, so a captured graph that reads these tensors still does."""
+
+    def __init__(self, model: torch.nn.Module, optimizers: dict, capture):
+        self.model, self.optimizers, self.capture = model, optimizers, capture
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for t in (*self.model.parameters(), *self.model.buffers())]
+        for opt in self.optimizers.values():
+            out += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return out
+
+    def snapshot(self) -> tuple[list[torch.Tensor], list]:
+        with torch.no_grad():
+            return [t.detach().clone() for t in self.tensors()], self.capture.rng_state()
+
+    def restore(self, snap) -> None:
+        saved, rng = snap
+        with torch.no_grad():
+            for t, s in zip(self.tensors(), saved, strict=True):
+                t.copy_(s)
+        self.capture.set_rng_state(rng)
+
+    def norms(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([t.detach().double().norm() for t in self.tensors()])
+
+
+class StepGraphs:
+    """trainer.cuda_graphs: a captured graph for each set of phases a step can run (a phase that runs every
+    k steps, lazy regularisation, is in the graph replayed on its steps and absent from the other one), each
+    checked against the eager step at its first replay.
+
+    The check (for each graph, once): snapshot the step's state, run the step eagerly, keep its losses and
+    the norms of every parameter and optimizer state, restore, replay the graph, and compare at CHECK_RTOL.
+    A capture error or a mismatch keeps the eager step's result and turns capture off for the rest of the
+    run, with one log line; with `strict` (trainer.cuda_graphs=true) it is one error line instead."""
+
+    def __init__(self, step_fn, state: StepState, capture, amp: torch.dtype | None = None, strict: bool = False,
+                 warmup: int = 3):
+        self.step_fn, self.state, self.capture, self.strict, self.warmup = step_fn, state, capture, strict, warmup
+        self.rtol = CHECK_RTOL.get(amp, CHECK_RTOL[torch.bfloat16])
+        self.graphs, self.off = {}, None  # off: why capture was turned off for this run
+        self.captured = self.replays = 0
 
     def __call__(self, phases: tuple, inputs: list[tuple], step: int):
+        if self.off:
+            return self.step_fn(phases, inputs, step)
         if phases not in self.graphs:
-            self.graphs[phases] = StepGraph(functools.partial(self.step_fn, phases), self.device)
-        return self.graphs[phases](inputs, step)
+            self.graphs[phases] = StepGraph(functools.partial(self.step_fn, phases), inputs, self.capture)
+        graph = self.graphs[phases]
+        graph.load(inputs, step)
+        if graph.calls < self.warmup:  # real training steps, eager, as capture needs (cuDNN autotuning, Adam's state)
+            graph.calls += 1
+            return self.capture.eager(graph.run)
+        if graph.graph is None:
+            return self._capture_and_check(graph, phases, step)
+        graph.graph.replay()
+        self.replays += 1
+        return graph.outputs
+
+    def _capture_and_check(self, graph: "StepGraph", phases: tuple, step: int):
+        name = f"({', '.join(p.name for p in phases)})"
+        before = self.state.snapshot()
+        eager = self.capture.eager(graph.run)
+        eager = [(loss.clone(), {k: v.clone() for k, v in stats.items()}) for loss, stats in eager]
+        eager_norms, after = self.state.norms(), self.state.snapshot()
+        self.state.restore(before)
+        try:
+            graph.graph, graph.outputs = self.capture.capture(graph.run)
+            graph.graph.replay()
+            why = self._differs(eager, graph.outputs, eager_norms)
+        except Exception as e:  # noqa: BLE001 - whatever the capture raised, the eager step stands
+            why = f"capturing the {name} step raised {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if why is None:
+            self.captured += 1
+            self.replays += 1
+            log.info("captured the %s step at step %d (checked against the eager step: losses, weights and "
+                     "optimizer states agree)", name, step + 1)
+            return graph.outputs
+        self.state.restore(after)  # the eager step's result, as an uncaptured run has it
+        self.graphs = {}  # the graphs and, with them, their memory pool
+        if self.strict:
+            raise GentrainError(f"trainer.cuda_graphs=true: the captured step failed its check at step {step + 1}: "
+                                f"{why}; trainer.cuda_graphs=auto falls back to the eager step, false skips capture")
+        self.off = why
+        log.warning("CUDA graphs off for this run: %s; trainer.cuda_graphs=false skips the check", why)
+        return eager
+
+    def _differs(self, eager: list, replayed: list, eager_norms: torch.Tensor) -> str | None:
+        """Why the replayed step is not the eager one, or None. Losses and logged numbers each within rtol of
+        the eager one's magnitude (plus 1e-5 for numbers near zero), and every state tensor's norm within rtol."""
+        a = torch.stack([x for loss, stats in eager for x in (loss, *stats.values())]).double().cpu()
+        b = torch.stack([x for loss, stats in replayed for x in (loss, *stats.values())]).double().cpu()
+        names = [n for i, (_, stats) in enumerate(eager) for n in (f"loss of phase {i + 1}", *stats)]
+        for n, x, y in zip(names, a.tolist(), b.tolist()):
+            if not abs(x - y) <= self.rtol * abs(x) + 1e-5:
+                return f"the captured step's {n} is {y:.6g} where the eager step's is {x:.6g}"
+        norms = self.state.norms().cpu()
+        want = eager_norms.cpu()
+        bad = ~((norms - want).abs() <= self.rtol * want + 1e-6)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            return (f"{int(bad.sum())} of {len(want)} weights and optimizer states differ from the eager step's "
+                    f"(one by norm {float(norms[i]):.6g} against {float(want[i]):.6g})")
+        return None
 
 
 class StepGraph:
-    """One whole training step (every phase's forward, backward, optimizer step and after_step hook)
-    captured once as a CUDA graph and replayed, so a step costs one launch instead of
-    hundreds; at small batches the GPU otherwise waits on the CPU launching kernels. This is PyTorch's
-    "whole-network capture" (torch.cuda.graph; CUDA semantics notes, "CUDA Graphs"):
+    """One whole training step (every phase's forward, backward, optimizer step and after_step hook) as one
+    graph, replayed, so a step costs one launch instead of hundreds; at small batches the GPU otherwise
+    waits on the CPU launching kernels. PyTorch's "whole-network capture":
 
     - shapes are static: each replay reads its batches from fixed input buffers, copied in before it, and
       the step number from a device tensor (a Python number would be baked into the graph);
-    - the first `warmup` steps run eagerly on a side stream, as capture requires (cuDNN autotuning,
-      optimizer state, compilation); they are real training steps;
     - the optimizers are built with capturable=True (state on the device), autocast runs without its
       weight cache, and nothing in the step may read a value back to the host.
     The step's outputs are static tensors, overwritten by every replay: read them before the next one.
     """
 
-    def __init__(self, step_fn, device: torch.device, warmup: int = 3):
-        self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
+    def __init__(self, step_fn, inputs: list[tuple], capture):
+        device = next(t for run in inputs for t in run if t is not None).device
+        self.step_fn, self.capture, self.calls = step_fn, capture, 0
+        self.inputs = [tuple(None if t is None else t.clone() for t in run) for run in inputs]
         self.step = torch.zeros((), dtype=torch.long, device=device)
-        self.inputs = self.outputs = self.graph = None
-        self.side = torch.cuda.Stream(device)
+        self.graph = self.outputs = None
 
-    def __call__(self, inputs: list[tuple], step: int):
-        if self.inputs is None:
-            self.inputs = [tuple(None if t is None else t.clone() for t in run) for run in inputs]
-        else:
-            for static, new in zip(self.inputs, inputs):
-                for s, t in zip(static, new):
-                    if s is not None:
-                        s.copy_(t, non_blocking=True)
+    def load(self, inputs: list[tuple], step: int) -> None:
+        for static, new in zip(self.inputs, inputs):
+            for s, t in zip(static, new):
+                if s is not None:
+                    s.copy_(t, non_blocking=True)
         self.step.fill_(step)
-        self.calls += 1
-        if self.calls <= self.warmup:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                out = self.step_fn(self.inputs, self.step)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the kernels; replay() below runs them
-                self.outputs = self.step_fn(self.inputs, self.step)
-        self.graph.replay()
-        return self.outputs
+
+    def run(self):
+        return self.step_fn(self.inputs, self.step)

@@ -53,7 +53,11 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     if speed.compile:
         fast.compile_networks(model, speed.compile_options)
     run_phases = Step(model, optimizers, scalers, device, amp, cache=not speed.cuda_graphs)
-    graphs = fast.StepGraphs(run_phases, device) if speed.cuda_graphs else None
+    graphs = None
+    if speed.cuda_graphs:  # captured, each graph checked against the eager step at its first replay
+        capture = fast.CAPTURE[device.type](device)
+        graphs = fast.StepGraphs(run_phases, fast.StepState(model, optimizers, capture), capture, amp,
+                                 strict=speed.strict)
     # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
@@ -69,7 +73,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                                                       schedulers, device, meter.state_dict(), best, preempted), path, also)
 
     with _StopOnSignal() as stop, logging_redirect_tqdm():
-        how = [str(amp)] * (amp is not None) + speed.describe()
+        how = speed.describe()
         uncaptured = f" (not captured as a CUDA graph: {speed.uncaptured})" if speed.uncaptured else ""
         log.info("training %s on %s%s, from step %d to %d, run folder %s%s", what, _where(device, t.batch_size),
                  "".join(f" with {h}" for h in how), step, t.steps, run_dir, uncaptured)
@@ -136,7 +140,9 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
 class Step:
     """The phases of one training step, each on its batch: its loss under autocast, backward, the gradients
     averaged over ranks, its optimizer's step, and the family's after_step. Returns each run's detached
-    loss and logged numbers."""
+    loss and logged numbers. What a phase hands a later one (the fakes a GAN's G phase reuses) goes in the
+    step's `carry`, made empty each step, so between steps the state is the networks, optimizers and RNG
+    alone (fast.StepState)."""
 
     def __init__(self, model, optimizers: dict, scalers: dict, device: torch.device, amp: torch.dtype | None,
                  cache: bool = True):
@@ -146,12 +152,12 @@ class Step:
         self.training = None  # the optimizers whose parameters collect gradients now
 
     def __call__(self, phases, inputs: list[tuple], step: int | torch.Tensor) -> list[tuple]:
-        out = []
+        out, carry = [], {}
         for phase, (x, y) in zip(phases, inputs):
             self.train_only((phase.opt, *phase.records))
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                                 cache_enabled=self.cache):
-                loss, stats = self.model.loss(phase.name, x, y, step)
+                loss, stats = self.model.loss(phase.name, x, y, step, carry)
             optimizer, scaler = self.optimizers[phase.opt], self.scalers[phase.opt]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gentrain import checkpoint, data, dist, fast, files, loggers, loop, models
 from gentrain.config import GROUPS, check_train, config_dir
-from gentrain.device import pick_device, pick_precision, use_fast_kernels
+from gentrain.device import pick_device
 from gentrain.errors import GentrainError, quote, reported
 from gentrain.metrics import SCORES
 from gentrain.metrics.evaluator import Evaluator
@@ -63,7 +63,7 @@ def with_defaults(merged: DictConfig, cfg: DictConfig) -> DictConfig:
     return merged
 
 
-def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: bool = False):
+def optimizer_factory(optim_cfg: DictConfig, device: torch.device, fused: bool = False, capturable: bool = False):
     """make_optimizer(name, params, ratio=1): one optimizer per parameter set from the `optim` partial. A
     key optim.lr_<name> (lr_D, lr_G) gives that optimizer its own learning rate: the two time-scale
     update rule (TTUR, Heusel et al. 2017, Sec. 2), e.g. lr_D=4e-4 lr_G=1e-4 as in SAGAN (Zhang et al. 2019).
@@ -71,8 +71,8 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
     `ratio` < 1 scales the learning rate by it and Adam's betas to its power, as StyleGAN2-ADA does for an
     optimizer that lazy regularisation steps more often (see lazy_ratio).
 
-    On a GPU, an optimizer that has torch's fused kernel (Adam, AdamW, SGD) uses it, one launch for all
-    of a set's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
+    With `fused` (fast.plan: on a GPU), an optimizer that has torch's fused kernel (Adam, AdamW, SGD) uses it,
+    one launch for all of a set's parameters, unless optim.fused says otherwise; `capturable` (trainer.cuda_graphs) keeps
     its state on the device, as a captured step needs. With a learning-rate schedule a captured step reads
     the learning rate from a device tensor, which the scheduler fills in place (a float would be baked
     into the graph)."""
@@ -81,7 +81,7 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, capturable: b
     per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
     make = instantiate(cfg, _convert_="all")
     accepts = inspect.signature(make.func).parameters
-    if device.type == "cuda" and "fused" in accepts and "fused" not in cfg:
+    if fused and "fused" in accepts and "fused" not in cfg:
         make = functools.partial(make, fused=True)
     if capturable and "capturable" in accepts:
         make = functools.partial(make, capturable=True)
@@ -237,19 +237,21 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
         train_data = data.load(d, split="train", streamable=True)
     facts = train_data.facts
     model = models.build(cfg.model, *facts)
-    amp = pick_precision(t.precision, device)
+    schedule = cfg.optim.get("scheduler")
+    # Every hardware decision (precision, TF32, cuDNN, layout, fused and capturable optimizers, compile,
+    # capture), made once, here.
+    speed = fast.plan(t, device, dist.world_size(), facts.points, scheduled=schedule is not None)
+    amp = speed.amp
     evaluate = best_by = None
     if t.eval_every and main_rank:
         evaluate = Evaluator(cfg.metrics, d, model.capabilities, t.eval_n, cfg.seed, device, nll_n=t.eval_n, amp=amp)
         best_by = evaluate.key(t.eval_metric)
 
-    use_fast_kernels(device, t.precision)
+    speed.apply()  # after the evaluator's reference features, which keep cuDNN's default kernels
     if t.get("sync_bn"):
         dist.sync_batchnorm(model)
-    schedule = cfg.optim.get("scheduler")
-    speed = fast.plan(t, device, amp, dist.world_size(), facts.points, scheduled=schedule is not None)
     model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()
-    make_optimizer = optimizer_factory(cfg.optim, device, capturable=speed.cuda_graphs)
+    make_optimizer = optimizer_factory(cfg.optim, device, fused=speed.fused, capturable=speed.cuda_graphs)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
     make_scheduler = scheduler_factory(schedule)

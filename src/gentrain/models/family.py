@@ -40,9 +40,12 @@ class Family(Protocol):
     def phase_parameters(self, opt: str) -> Iterable[torch.nn.Parameter]:
         """The parameters the optimizer `opt` updates."""
 
-    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None,
-             step: int | torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The phase's loss on a batch (x, y) and the detached numbers to log, named `<network>/<what>`."""
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None, step: int | torch.Tensor,
+             carry: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The phase's loss on a batch (x, y) and the detached numbers to log, named `<network>/<what>`.
+        `carry` is the one place a phase hands something to a later phase of the same step (a GAN's D
+        phase leaves the fakes it drew for G's phase); it starts empty every step, so a step's state is the
+        networks, optimizers and RNG alone, which the loop can snapshot and restore."""
 
     def after_step(self, phase: str, step: int | torch.Tensor) -> None:
         """Called after the phase's optimizer step (weight clipping, an EMA of weights); may do nothing."""
@@ -69,6 +72,9 @@ LATENT_PRIOR = "latent_prior"  # continuous codes whose sampling prior can be a 
 @runtime_checkable
 class HasEMA(Protocol):
     use_ema: bool
+
+    def calibrate_ema(self) -> None:
+        """Bring what the EMA samples with up to date (its batch-norm statistics), before a checkpoint."""
 
 
 @runtime_checkable

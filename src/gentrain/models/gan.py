@@ -57,7 +57,8 @@ class EMA(nn.Module):
     Batch-norm statistics are not averaged: G's running statistics belong to G's own recent weights, not to
     their average, and an EMA sampled with them draws from a shifted distribution. calibrate() recomputes
     them from the EMA's own weights before it samples or is saved ("precise BN", Wu & Johnson 2021,
-    Sec. 3), on a fixed set of codes, once per update count.
+    Sec. 3), on a fixed set of codes, once per update count: sample() calls calibrate(), and so does the
+    loop before it writes a checkpoint (GAN.calibrate_ema); state_dict() only reads.
 
     The count n stays on the device and nothing is read back, so an update costs no host sync and can be
     captured in a CUDA graph (torch's AveragedModel reads n on the host each update). The state-dict keys
@@ -75,12 +76,7 @@ class EMA(nn.Module):
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
         # the n_averaged its batch-norm statistics were computed at; not saved, so a loaded EMA recomputes them
         self.register_buffer("calibrated_at", torch.tensor(-1, dtype=torch.long), persistent=False)
-        self.register_state_dict_pre_hook(EMA._before_saving)  # a checkpoint holds the statistics it samples with
         self.register_load_state_dict_post_hook(EMA._after_loading)
-
-    @staticmethod
-    def _before_saving(module: "EMA", prefix: str, keep_vars: bool) -> None:
-        module.calibrate()
 
     @staticmethod
     def _after_loading(module: "EMA", incompatible_keys) -> None:
@@ -176,8 +172,9 @@ class GAN(nn.Module):
         # The runs of one training step, which is one G update: D d_steps times, the lazy penalties as their
         # own phase every few steps (StyleGAN2's Dreg), then G. With reuse_fakes, G's phase scores the fakes
         # D's last phase trained on, with D's updated weights, as the PyTorch DCGAN example's step does: one G
-        # forward fewer a step, so that phase records G's graph.
-        self.reuse_fakes, self._kept = reuse_fakes, None
+        # forward fewer a step, so that phase records G's graph and hands the fakes over in the step's
+        # `carry` (loop.Step), which lives for one step: nothing is kept on the model between phases.
+        self.reuse_fakes = reuse_fakes
         lazy = {reg.every for reg in self.lazy}
         last_d = Phase("D", "D", records=("G",) if reuse_fakes else ())
         self.phases = (*[Phase("D", "D")] * (d_steps - 1), last_d,
@@ -288,7 +285,15 @@ class GAN(nn.Module):
             return self._generate(self.G_ema, z, y)
         return self._generate(self.G, z, y)
 
-    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0):
+    def calibrate_ema(self) -> None:
+        """The EMA's batch-norm statistics for its current weights, before a checkpoint is written."""
+        if self.G_ema is not None:
+            self.G_ema.calibrate()
+
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0,
+             carry: dict | None = None):
+        """`carry`: the step's hand-over between its phases (loop.Step), or None: D's last phase leaves
+        its fakes there for G's phase (model.reuse_fakes)."""
         cond = self._cond(y)
         p = self.augment_p if self.adaptive else self.fixed_p
         aug = lambda images: diffaug.diff_augment(images, self.augment, p)
@@ -308,8 +313,8 @@ class GAN(nn.Module):
             # G's graph is recorded only where G's parameters take gradients: in the phase that `records` G.
             with torch.set_grad_enabled(self.reuse_fakes and torch.is_grad_enabled()):
                 fake = self._generate(self.G, noise(), y)
-            if fake.requires_grad:  # the phase that records G: G's phase scores these
-                self._kept = (fake, y)
+            if fake.requires_grad and carry is not None:  # the phase that records G: G's phase scores these
+                carry["fakes"] = (fake, y)
             fake = fake.detach()
             real_in, fake_in = aug(x), aug(fake)
             recons = None
@@ -338,7 +343,7 @@ class GAN(nn.Module):
             return loss, {"D/loss": loss.detach()} | {k: v.detach() for k, v in stats.items()}
         if phase != "G":
             raise ValueError(f"the GAN has no phase {phase!r}")
-        kept, self._kept = self._kept, None
+        kept = carry.pop("fakes", None) if carry is not None else None
         if kept is not None:  # D's fakes of this step, their graph kept (only such fakes are)
             fake, fake_y = kept
         else:

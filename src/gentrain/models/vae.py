@@ -210,8 +210,8 @@ class VAE(nn.Module):
         z = mu + per_example(lambda m: self.eps(m, device=x.device), len(x)) * (0.5 * logvar).exp()
         return kl_std_normal(mu, logvar), -self.log_px(z, x, y)
 
-    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
-             step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0,
+             carry: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.observe(x)
         mu, logvar = self.encode(x, y)
         std = (0.5 * logvar).exp()

@@ -228,8 +228,8 @@ class VQVAE(nn.Module):
         idx, z_q = self.quantize(self.encoder(x).float())
         return self.prior.nll(idx), -self.log_px(z_q, x)
 
-    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None,
-             step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, x: torch.Tensor, y: torch.Tensor | None = None, step: int = 0,
+             carry: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if phase == "prior":
             # The prior learns the codes the current encoder gives this batch; they are data here, so no
             # gradient reaches the encoder or the codebook.
