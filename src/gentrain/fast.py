@@ -34,7 +34,8 @@ class FastPath:
     fused: bool = False              # torch's fused optimizer kernels: one launch per parameter set
     compile: bool = False
     compile_options: dict = field(default_factory=dict)
-    cuda_graphs: bool = False        # the step captured and replayed; its optimizers keep their state on the device
+    cuda_graphs: bool = False        # the step captured and replayed
+    capturable: bool = False         # optimizers that keep their state on the GPU, as a captured step needs
     strict: bool = False
     uncaptured: str | None = None
 
@@ -77,6 +78,7 @@ def plan(t, device: torch.device, processes: int, points: bool, scheduled: bool 
     capture = t.cuda_graphs is True or (t.cuda_graphs == "auto" and why is None)
     return FastPath(device, amp, tf32, cudnn_benchmark=cuda, channels_last=channels_last, fused=cuda,
                     compile=bool(t.compile), compile_options=compile_options, cuda_graphs=capture,
+                    capturable=capture and cuda,
                     strict=t.cuda_graphs is True, uncaptured=why if t.cuda_graphs == "auto" else None)
 
 

@@ -251,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
     if t.get("sync_bn"):
         dist.sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if speed.channels_last else torch.contiguous_format).train()
-    make_optimizer = optimizer_factory(cfg.optim, device, fused=speed.fused, capturable=speed.cuda_graphs)
+    make_optimizer = optimizer_factory(cfg.optim, device, fused=speed.fused, capturable=speed.capturable)
     optimizers = {o: make_optimizer(o, model.phase_parameters(o), lazy_ratio(model.phases, o))
                   for o in model.optimizers}
     make_scheduler = scheduler_factory(schedule)
