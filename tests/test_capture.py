@@ -3,6 +3,7 @@ for a GPU's, so the fallback of trainer.cuda_graphs=auto, the refusal of true an
 the CLI here. A graph that agrees is kept; one that raises at capture or replays other numbers is dropped at
 its check, and the run ends with the weights of a run that never captured."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,46 @@ def test_step_state_restores_every_tensor_and_the_rng_in_place():
     state.restore(before)
     assert torch.equal(state.norms(), norms) and torch.equal(torch.rand(3), draw)
     assert [id(t) for t in state.tensors()] == ids
+
+
+# gentrain doctor: the facts and the default steps, eager and (where a capture backend exists) captured.
+
+def test_doctor_reports_the_cpu_path_and_the_gpu_checks_as_not_applicable(gentrain, tmp_path):
+    proc = gentrain("doctor", "seconds=0.1", f"out={tmp_path / 'doctor.json'}")
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["gpu"] is None
+    for family in ("gan", "vae"):
+        rows = report["families"][family]
+        assert rows["eager"]["applies"] and rows["eager"]["img_per_s"] > 0 and rows["eager"]["finite"]
+        assert rows["captured"] == {"applies": False, "why": "it runs on cpu, and CUDA graphs need a CUDA GPU"}
+        assert not rows["compiled"]["applies"]
+    assert report["broken"] == [] and "gan  eager" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["agree", "losses"])
+def test_doctor_checks_the_captured_step_and_names_the_switch_that_avoids_a_broken_one(gentrain, tmp_path, played,
+                                                                                        monkeypatch, mode):
+    from gentrain.commands import doctor
+
+    small = ["model.ch=8", "trainer.batch_size=16"]
+    monkeypatch.setattr(doctor, "FAMILIES", {"gan": ["model=gan", *small, "model.r1_every=2"],
+                                             "vae": ["model=vae", *small]})
+    played(mode)
+    proc = gentrain("doctor", "seconds=0.1", f"out={tmp_path / 'doctor.json'}", check=False)
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    gan = report["families"]["gan"]["captured"]
+    if mode == "agree":
+        assert proc.returncode == 0, proc.stderr
+        assert gan["graphs_captured"] == 2 and gan["fallback"] is None and gan["agrees"] is True
+        assert report["families"]["vae"]["captured"]["graphs_captured"] == 1
+    else:
+        assert gan["graphs_captured"] == 0 and "loss of phase 1" in gan["fallback"]
+        assert_one_line_error(proc, "the captured gan step does not compute the eager step's",
+                              "trainer.cuda_graphs=false avoids it", "(and 1 more in")
+    assert proc.returncode == (mode != "agree")
+
+
+def test_doctor_refuses_a_bad_argument_in_one_line(gentrain):
+    assert_one_line_error(gentrain("doctor", "seconds=soon", check=False), "seconds must be a number")
+    assert_one_line_error(gentrain("doctor", "device=tpu", check=False), "device must be one of auto|cpu|cuda")
+    assert "Exits non-zero" in gentrain("doctor", "--help").stdout

@@ -8,6 +8,7 @@ errors into one line. Each verb is a module of gentrain.commands:
     gentrain decode ckpt=PATH input=codes.pt out=DIR/       codes to images (commands/codec.py)
     gentrain classifier dataset=...  the domain classifier behind the metrics (commands/classifier.py)
     gentrain plot RUN_DIR            losses and metrics over steps as a PNG (commands/plot.py)
+    gentrain doctor                  what gentrain does on this machine, and whether it works (commands/doctor.py)
 
 Hydra parses everything after the verb, so `-m` sweeps, `--help` and `--cfg job` work for each.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from gentrain.errors import GentrainError, fail, quote
 
-VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot")
+VERBS = ("train", "sample", "eval", "encode", "decode", "classifier", "plot", "doctor")
 
 
 def _one_line(e: Exception) -> str:
@@ -161,6 +162,10 @@ def _main(args: list[str]) -> None:
         from gentrain.commands.plot import main as plot
 
         return plot(args)
+    if verb == "doctor":
+        from gentrain.commands.doctor import main as doctor
+
+        return doctor(args)
     args = _metrics_list(args)
     if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
         args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR

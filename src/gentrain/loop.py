@@ -29,7 +29,7 @@ log = logging.getLogger("gentrain")
 
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
-          speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str,
+          speed: fast.FastPath, meta: dict, seed: int, what: str,
           schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
@@ -52,12 +52,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     dist.broadcast_(model)
     if speed.compile:
         fast.compile_networks(model, speed.compile_options)
-    run_phases = Step(model, optimizers, scalers, device, amp, cache=not speed.cuda_graphs)
-    graphs = None
-    if speed.cuda_graphs:  # captured, each graph checked against the eager step at its first replay
-        capture = fast.CAPTURE[device.type](device)
-        graphs = fast.StepGraphs(run_phases, fast.StepState(model, optimizers, capture), capture, amp,
-                                 strict=speed.strict)
+    run_step = stepper(model, optimizers, scalers, speed)
     # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
@@ -82,7 +77,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
             phases = tuple(p for p in model.phases if step % p.every == 0)
             runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
             inputs = [batches(step * draws + r) for r in runs]
-            meter.add(step, (graphs or run_phases)(phases, inputs, step))
+            meter.add(step, run_step(phases, inputs, step))
             step += 1
             report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
@@ -135,6 +130,16 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
                 break
     report.done(step, clock, best)
+
+
+def stepper(model, optimizers: dict, scalers: dict, speed: fast.FastPath):
+    """What runs a training step: `step(phases, inputs, step)`, the eager Step, or under trainer.cuda_graphs
+    its captured graphs, each checked against the eager step at its first replay (fast.StepGraphs)."""
+    step = Step(model, optimizers, scalers, speed.device, speed.amp, cache=not speed.cuda_graphs)
+    if not speed.cuda_graphs:
+        return step
+    capture = fast.CAPTURE[speed.device.type](speed.device)
+    return fast.StepGraphs(step, fast.StepState(model, optimizers, capture), capture, speed.amp, strict=speed.strict)
 
 
 class Step:
