@@ -176,10 +176,13 @@ def test_multirun_sweeps_every_combination_into_its_own_folder(gentrain, tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_training_runs(gentrain, tmp_path):
+    """The default GAN in bf16 on a GPU, captured (trainer.cuda_graphs=auto) past its graph's warm-up and check."""
     run = tmp_path / "run"
-    gentrain("model=gan", *FAST, "trainer.steps=4", "trainer.device=cuda", "trainer.precision=bf16",
+    gentrain("model=gan", *FAST, "trainer.steps=8", "trainer.device=cuda", "trainer.precision=bf16",
              f"hydra.run.dir={run}")
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+    log = (run / "train.log").read_text()
+    assert "captured the (D, G) step at step 5" in log and "CUDA graphs off" not in log
 
 
 def test_max_minutes_ends_the_run_as_its_last_step_would(gentrain, tmp_path):
