@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,65 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(data_root, tmp_pa
     assert stopped >= 3 and f"step {stopped};" in lines[-1]
     gentrain(f"resume={run}", f"trainer.steps={stopped + 2}")
     assert records(run)[-1]["step"] == stopped + 2
+
+
+TEARDOWN = """
+import os, sys, torch
+from gentrain import dist
+
+tasks = lambda: len(os.listdir("/proc/self/task"))  # every thread of this process, gloo's C++ ones included
+before = tasks()
+dist.init(torch.device("cpu"))
+for _ in range(20):
+    dist.agree(True), dist.share({"step": 1}), dist.mean(torch.ones(100)), dist.barrier()
+dist.shutdown()
+assert tasks() == before, f"{tasks() - before} thread(s) of the process group outlive it"
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_no_thread_of_the_process_group_outlives_it_and_workers_exit_cleanly_under_load(tmp_path):
+    """Threads that outlive dist.shutdown() are torn down with the interpreter, where a gloo worker freeing its
+    last work cannot take the GIL: C++ then aborts (`terminate called without an active exception`), on a
+    loaded machine now and then. Two workers, twice, beside a busy core: none may leave a thread behind, and
+    each must exit 0 without that line."""
+    (tmp_path / "teardown.py").write_text(TEARDOWN)
+    burner = subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+    try:
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                   "teardown.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def worker_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of this rank, a child of the gentrain process that launched it."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == launcher and \
+                    f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
+            continue
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
+
+
+def test_a_killed_worker_is_one_line_naming_its_rank_its_status_and_its_log(data_root, tmp_path):
+    run = tmp_path / "run"
+    args = [*VAE, "trainer.steps=100000", "trainer.log_every=1", "trainer.ckpt_every=2", "trainer.devices=2",
+            f"hydra.run.dir={run}"]
+    proc = start_cli(args, tmp_path, data_root)
+    wait_for_log_lines(run / "metrics.jsonl", 3, proc)
+    worker = worker_pid(proc.pid, 1)
+    os.kill(worker, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, "", stderr),
+                          f"worker rank 1 of 2 (pid {worker}) was killed by SIGKILL (exit status -9)",
+                          f"rank 0 alone keeps a log file: {run / 'train.log'}", f"gentrain resume={run}")
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -10,7 +10,9 @@ function here is the single-process identity.
 
 import logging
 import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as td
@@ -59,6 +61,13 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group, every rank at the same point (after the last barrier), while the interpreter
+    is whole. No reference to a group may outlive this call: a group object still held (as `_control` held
+    the default group) is only destroyed at interpreter exit, where gloo's worker threads, freeing the last
+    work and the tensors it holds, need the GIL that the exiting interpreter no longer gives; the thread is
+    torn down mid-destructor and C++ aborts with `terminate called without an active exception`."""
+    global _control
+    _control = None
     if td.is_initialized():
         td.destroy_process_group()
 
@@ -166,10 +175,11 @@ def barrier() -> None:
         td.barrier(group=_control)
 
 
-def torchrun(nproc: int, args: list[str]) -> None:
+def torchrun(nproc: int, args: list[str], run_dir: Path) -> str | None:
     """`torchrun --standalone --nproc-per-node=N -m gentrain ARGS`, from this process: torch's own
     launcher (torch.distributed.run) starts the workers, forwards Ctrl-C to them, and stops them all
-    when one fails. A worker prints its own one-line error, so this one exits with its code quietly."""
+    when one fails. A worker that fails with an error prints its own line, so this one exits with its code
+    quietly; a worker killed or crashed (a signal) says nothing: the line that names it is returned."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -184,7 +194,30 @@ def torchrun(nproc: int, args: list[str]) -> None:
     try:
         run(launch)
     except ChildFailedError as e:
-        # A worker's own error code (2, 130); 1 where every failure was a signal (a crash, a kill)
-        sys.exit(min([f.exitcode for f in e.failures.values() if f.exitcode > 0] or [1]))
+        failures = {rank: (f.pid, f.exitcode) for rank, f in e.failures.items()}
+        if all(code <= 1 for _, code in failures.values()):  # no worker said why (2, 130: its own line)
+            return failed_worker(failures, nproc, run_dir)
+        sys.exit(min(code for _, code in failures.values() if code > 1))
     except SignalException:
         sys.exit(130)
+    return None
+
+
+def failed_worker(failures: dict[int, tuple[int, int]], nproc: int, run_dir: Path) -> str:
+    """One line for workers that stopped without saying why, {rank: (pid, exit status)}: killed or crashed (a
+    negative status, the signal) or an exception's exit 1 (its traceback above). Not the cause: a worker that
+    exits 1 because its peer is gone (gentrain.errors), or one the launcher stopped with SIGTERM after."""
+    rank, (pid, code) = min(failures.items(), key=lambda f: (f[1][1] >= 0, f[1][1] == -signal.SIGTERM, f[0]))
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = "stopped on an error (its traceback is above)"
+    log = run_dir / "train.log"
+    where = f"its log is {log}" if rank == 0 else f"its output is above (rank 0 alone keeps a log file: {log})"
+    resume = (f"; continue from the last checkpoint with: gentrain resume={run_dir}"
+              if (run_dir / "checkpoints" / "last.pt").exists() else "")
+    others = "the other worker was" if nproc == 2 else "the other workers were"
+    return f"worker rank {rank} of {nproc} (pid {pid}) {how} (exit status {code}) and {others} stopped; {where}{resume}"

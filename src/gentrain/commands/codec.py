@@ -135,7 +135,7 @@ def write_stream(model, ckpt: checkpoint.Checkpoint, codes: torch.Tensor, rate_b
     header = {"ckpt": str(ckpt.path.resolve()), "step": ckpt.step, "source": source,
               "weights": bitstream.fingerprint(model), "n": len(codes), "code_shape": model.code_shape,
               "num_codes": model.num_codes, "batch_size": batch_size, "device": device.type,
-              "torch": torch.__version__}
+              "torch": torch.__version__, "machine": entropy.machine(device), "codes_sha256": entropy.digest(codes)}
     size = bitstream.write(out, header, words)
     print(f"encoded {len(codes)} images ({source}) with {ckpt.describe()} into {out}")
     print(f"bits per image: {size * 8 / len(codes):.1f} in the file ({size} bytes, header included), "
@@ -143,7 +143,8 @@ def write_stream(model, ckpt: checkpoint.Checkpoint, codes: torch.Tensor, rate_b
 
 
 def read_stream(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, torch.nn.Module, checkpoint.Checkpoint]:
-    """The code grids of the .gtc file cfg.input, decoded with the model that wrote them."""
+    """The code grids of the .gtc file cfg.input, decoded with the model that wrote them and checked against
+    the digest of the grids it was coded from."""
     path = Path(str(cfg.input)).expanduser()
     header, words = bitstream.read(path)
     model, ckpt = load_coder(cfg.ckpt or header["ckpt"], device)
@@ -151,13 +152,29 @@ def read_stream(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, to
     if BITSTREAM not in model.capabilities or bitstream.fingerprint(model) != header["weights"]:
         raise GentrainError(f"{made_by}; {ckpt.path} has other weights, which would decode it wrongly: decode "
                             f"with the checkpoint that coded it")
+    if [header["code_shape"], header["num_codes"]] != [model.code_shape, model.num_codes]:
+        raise GentrainError(f"{made_by}; its header says {header['code_shape']} grids over {header['num_codes']} "
+                            f"codes and {ckpt.path} makes {model.code_shape} over {model.num_codes}: the header is "
+                            f"damaged; encode the images again")
     if device.type != header["device"]:
         raise GentrainError(f"{made_by} on {header['device']}; decode it there too (device={header['device']}): "
                             f"the prior's probabilities must match bit for bit")
-    if header.get("torch") != torch.__version__:  # the same maths, perhaps other rounding: say so, then try
-        log.warning("note: %s was coded with torch %s and this is torch %s; if the images come out garbled, "
-                    "decode with torch %s", path, header.get("torch"), torch.__version__, header.get("torch"))
-    codes = entropy.decompress(model.code_logits, words, header["n"], header["code_shape"], header["batch_size"], device)
+    check = header.get("codes_sha256")
+    if check is None:  # version 1
+        log.warning("note: %s is a version-1 .gtc file, which carries no check of its decoded codes; if the "
+                    "images come out garbled, decode where it was coded (%s)", path, bitstream.where(header))
+    try:
+        codes = entropy.decompress(model.code_logits, words, header["n"], header["code_shape"], header["batch_size"],
+                                   device, name=str(path))
+    except entropy.LeftOver:  # the words are signed: a decoder that did not end where the encoder did went astray
+        if check is None:
+            raise
+        codes = None
+    if check is not None and (codes is None or entropy.digest(codes) != check):
+        here = bitstream.where({"device": device.type, "torch": torch.__version__, "machine": entropy.machine(device)})
+        raise GentrainError(f"{path} decoded to other codes than it was coded from: the prior's probabilities differ "
+                            f"here; it was made on {bitstream.where(header)} and is being decoded on {here}; decode it "
+                            f"where it was made (nothing was written)")
     return codes, model, ckpt
 
 

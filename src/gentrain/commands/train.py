@@ -198,8 +198,11 @@ def main(cfg: DictConfig) -> float | None:
     if not dist.launched():
         cfg, run_dir, ckpt, origin = prepare(cfg)
         if cfg.trainer.devices > 1:  # gentrain trainer.devices=N: torchrun N workers of this same command
-            dist.torchrun(cfg.trainer.devices, [*HydraConfig.get().overrides.task,
-                                                f"hydra.run.dir={quote(str(run_dir))}", "hydra.output_subdir=null"])
+            failed = dist.torchrun(cfg.trainer.devices, [*HydraConfig.get().overrides.task,
+                                                         f"hydra.run.dir={quote(str(run_dir))}",
+                                                         "hydra.output_subdir=null"], run_dir)
+            if failed:  # a worker killed or crashed, which could not say so itself
+                raise GentrainError(failed)
             return objective(cfg, run_dir)
         device = pick_device(cfg.trainer.device)
     else:  # a torchrun worker: rank 0 decides what to run and every rank follows
