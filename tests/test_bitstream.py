@@ -202,6 +202,37 @@ def test_a_version_1_header_is_checked_as_far_as_it_can_be(gentrain, tmp_path, d
     assert torch.equal(outcome(cfg, tmp_path / "v1.gtc", tmp_path / "v1"), images)
 
 
+def test_damaged_and_forged_gtc_files_are_one_line_on_the_command_line(gentrain, tmp_path, data_root, one_thread):
+    """The .gtc cases of the bad-input corpus (tests/test_fuzz.py has no VQ-VAE): each one line, no image."""
+    ckpt, gtc, images = coded(tmp_path, data_root)
+    header, words = bitstream.read(gtc)
+    data, fields = gtc.read_bytes(), {k: v for k, v in header.items() if k != "sha256"}
+    at = data.index(b'"n":3') + 4
+    cases = {
+        "count.gtc": (data[:at] + b"9" + data[at + 1:], "damaged .gtc file (truncated or changed"),
+        "stream.gtc": (data[:-1] + bytes([data[-1] ^ 1]), "damaged .gtc file (truncated or changed"),
+        "length.gtc": (data[:4] + (int.from_bytes(data[4:8], "little") + 1).to_bytes(4, "little") + data[8:],
+                       "damaged .gtc file"),
+        "magic.gtc": (b"GTC0" + data[4:], "is not a gentrain codes file"),  # read as a .pt codes file
+        "newer.gtc": ({**fields, "version": 3}, "written by a newer gentrain (.gtc version 3)"),
+        "zero.gtc": ({**fields, "n": 0}, "its header's n=0 is not an integer of at least 1"),
+        "batch.gtc": ({**fields, "batch_size": 0}, "its header's batch_size=0 is not an integer of at least 1"),
+        "more.gtc": ({**fields, "n": 10 ** 9}, "more 7x7 code grids than its"),
+        "grid.gtc": ({**fields, "code_shape": [8, 8]}, "its header says [8, 8] grids over 64 codes"),
+        "codes.gtc": ({**fields, "num_codes": 128}, "makes [7, 7] over 64"),
+        "raised.gtc": ({**fields, "n": 4}, "decoded to other codes than it was coded from"),
+        "check.gtc": ({**fields, "codes_sha256": "0" * 64}, "decoded to other codes than it was coded from"),
+    }
+    for name, (content, fragment) in cases.items():
+        if isinstance(content, dict):
+            forge(tmp_path / name, content, words)
+        else:
+            (tmp_path / name).write_bytes(content)
+        out = tmp_path / "out" / name
+        assert_one_line_error(gentrain("decode", f"input={tmp_path / name}", f"out={out}/", check=False), fragment)
+        assert not out.exists() or not any(out.iterdir())
+
+
 def test_gtc_mistakes_are_named(gentrain, tmp_path, data_root):
     ckpt = fake_checkpoint(tmp_path / "vq.pt", TINY_VQVAE)
     other = fake_checkpoint(tmp_path / "other.pt", TINY_VQVAE)  # same shapes, other weights
