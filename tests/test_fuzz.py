@@ -176,6 +176,54 @@ def test_a_bad_input_is_one_line_and_changes_nothing(corpus, data_root, tmp_path
     assert not (tmp_path / "run").exists()  # a failed start leaves no run folder
 
 
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, data_root):
+    """A GAN run of 4 steps with checkpoints and grids at steps 2 and 4: something for a rollback to delete."""
+    root = tmp_path_factory.mktemp("four")
+    run_cli(["model=gan", *TINY, "trainer.steps=4", f"hydra.run.dir={root / 'run'}"], root, data_root)
+    return root / "run"
+
+
+# A refusal at each check a start makes, in the order it makes them: the command line, the checkpoint's
+# config groups, the device, the data, the folder's lock, and last the checkpoint restored into the model.
+REFUSALS = [
+    (["trainer.steps=abc"], "trainer.steps must be a positive integer"),
+    (["model=vae"], "model=vae cannot change when resuming"),
+    pytest.param(["trainer.device=cuda"], "torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    (["trainer.devices=3"], "must split evenly over 3 processes"),
+    (["dataset.root={tmp}/nothing_here", "dataset.download=false"], "not found in"),
+    (["busy"], "is in use by another gentrain run"),
+    (["model.ch=4"], "the stored weights do not fit"),
+]
+STARTS = {  # a resume that would delete (rollback), replace last.pt and trim the log, or branch into a new folder
+    "rollback": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", "rollback=true"],
+    "resume": lambda run, tmp: [f"resume={run}", "trainer.steps=6"],
+    "branch": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", f"hydra.run.dir={tmp / 'branch'}"],
+}
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+@pytest.mark.parametrize("bad, fragment", REFUSALS)
+def test_a_refused_start_changes_no_file_of_the_run(four_steps, data_root, tmp_path, start, bad, fragment):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = snapshot(run)
+    args = [*STARTS[start](run, tmp_path), *(a.format(tmp=tmp_path) for a in bad if a != "busy")]
+    with files.RunLock(run) if bad == ["busy"] and start != "branch" else contextlib.nullcontext():
+        proc = run_cli(args, tmp_path, data_root, check=False)
+    if bad == ["busy"] and start == "branch":  # a branch goes to a folder of its own: nothing holds it
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_error(proc, fragment)
+    log = run / "train.log"  # the log is a history: a refused start may add to it (what it loaded), never change it
+    assert log.read_bytes().startswith(four_steps.joinpath("train.log").read_bytes())
+    assert {p: h for p, h in snapshot(run).items() if p != log} == {p: h for p, h in before.items() if p != log}
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == sorted(p.relative_to(four_steps) for p in four_steps.rglob("*"))
+    assert not (tmp_path / "branch").exists()
+
+
 def test_a_second_run_or_resume_into_a_busy_folder_is_refused(gentrain, corpus, tmp_path):
     busy = tmp_path / "busy"
     shutil.copytree(corpus / "gan", busy)

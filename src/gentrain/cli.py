@@ -114,9 +114,9 @@ def _check_launcher(target: str) -> None:
 
 
 def _resume_dir(args: list[str]) -> tuple[str, bool] | None:
-    """The folder a resumed run continues in, and whether Hydra's run dir must be pointed there: its own
-    folder (keeping its .hydra/), unless it branches from an earlier checkpoint into a new folder
-    (checkpoint.branches) or hydra.run.dir says where."""
+    """The folder a resumed run continues in, and whether it is the run's own (whose .hydra/ Hydra must leave
+    as it is): its own folder, unless it branches from an earlier checkpoint into a new folder
+    (checkpoint.branches: None, Hydra names it) or hydra.run.dir says where."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from gentrain import checkpoint
@@ -129,9 +129,12 @@ def _resume_dir(args: list[str]) -> tuple[str, bool] | None:
     given = next((parse(a) for a in args if a.startswith("hydra.run.dir=")), None)
     try:
         path = checkpoint.resolve(value)
-        if given is not None or checkpoint.branches(path, rollback):
-            return None if given is None else (str(given), False)
-        return str(checkpoint.run_dir_of(path)), True
+        home = checkpoint.run_dir_of(path)
+        if given is not None:  # the run's own folder given again keeps its .hydra/ as the run's own record
+            return str(given), Path(str(given)).expanduser().resolve() == home.resolve()
+        if checkpoint.branches(path, rollback):
+            return None
+        return str(home), True
     except GentrainError as e:
         fail(str(e))
 
@@ -170,9 +173,11 @@ def _main(args: list[str]) -> None:
     # One training run started here (not a sweep, not one of torchrun's workers): its folder is known now.
     single = verb == "train" and not {"-m", "--multirun"} & set(args) and run_dir is not None and not dist.launched()
     if single and (resumed := _resume_dir(args)):
-        run_dir, pin = resumed
-        if pin:
-            args += [f"hydra.run.dir={quote(run_dir)}", "hydra.output_subdir=null"]
+        run_dir, own = resumed
+        if own:
+            if not any(a.startswith("hydra.run.dir=") for a in args):
+                args.append(f"hydra.run.dir={quote(run_dir)}")
+            args.append("hydra.output_subdir=null")
     elif single and not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={quote(run_dir)}")  # the folder locked below is the one Hydra writes
     if dist.rank() > 0:

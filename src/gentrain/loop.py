@@ -30,12 +30,15 @@ log = logging.getLogger("gentrain")
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
           speed: fast.FastPath = fast.FastPath(), meta: dict, seed: int, what: str,
-          schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
+          schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=(),
+          start=None) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
     its first log line; `schedulers` (by optimizer) set the learning rates, stepped after every step;
     `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
-    `loggers` get what metrics.jsonl gets.
+    `loggers` get what metrics.jsonl gets. `start() -> loggers`, if given, is called once the checkpoint is
+    restored and before the loop writes anything: the command's own changes to the run folder, made only
+    after its last check; the loggers it returns join `loggers`.
 
     `evaluate(model) -> {name: score}` runs every t.eval_every steps; the checkpoint with the best score
     `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt. Toy data's samples are
@@ -58,6 +61,8 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
     grid = SampleGrid(model, t.n_samples, seed, device, reference)
+    # Every check has passed: from here on the run folder changes.
+    loggers = [*loggers, *(start() if start is not None else [])]
     report = Report(run_dir, t, step, loggers, images_per_step=t.batch_size * draws)
     report.start(step, meter.logged_at, lambda: reference if reference is not None else batches(0)[0][:t.n_samples],
                  grid)
