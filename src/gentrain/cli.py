@@ -78,6 +78,13 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
         return run_dir
     except GentrainError as e:
         fail(str(e))
+    except (ValueError, TypeError):  # a config group given something else than names (trainer=5, model=[1])
+        named = lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+        group = next((o for o in parsed if _is_group(o.key_or_group) and not named(o.value())), None)
+        if group is None:
+            raise
+        fail(f"{group.key_or_group}={group.value()} is not an option; choose from "
+             f"{', '.join(_options(group.key_or_group))} (a config group takes the name of one of its configs)")
     except (HydraException, OmegaConfBaseException) as e:  # Hydra's composition and parse errors
         key = re.search(r"Could not override '([^']+)'", str(e))
         if key:  # a misspelt key: the nearest known ones, never Hydra's advice to append it with +
@@ -85,6 +92,18 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
 
             fail(str(unknown(key.group(1), verb, _keys(verb, [o for o in overrides if not o.startswith(key.group(1))]))))
         fail(_one_line(e))
+
+
+def _is_group(name: str) -> bool:
+    from gentrain.config import config_dir
+
+    return bool(name) and (config_dir() / name).is_dir()
+
+
+def _options(group: str) -> list[str]:
+    from gentrain.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 def _keys(verb: str, overrides: list[str]) -> list[str]:

@@ -69,6 +69,13 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     clock = Clock(seconds, step)
 
     def save(done: int, path: Path, also: Path | None = None, preempted: bool = False) -> None:
+        # A step whose loss was finite can still leave NaN weights (its update diverged): never save those,
+        # on any rank (every rank holds the same weights, so all of them stop here together).
+        bad = checkpoint.nonfinite(model.state_dict())
+        if bad:
+            kept = f"last good checkpoint: {report.last}" if report.last.exists() else "no checkpoint was written"
+            stop_all(GentrainError(f"the weights of {', '.join(bad)} became NaN/inf by step {done}; stopped "
+                                   f"without saving ({kept}); lower optim.lr or use trainer.precision=fp32"))
         if report.writes:
             checkpoint.save(checkpoint.training_state(meta, done, clock.training(), model, optimizers, scalers,
                                                       schedulers, device, meter.state_dict(), best, preempted), path, also)
@@ -127,10 +134,12 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                 save(step, report.last, preempted=stop.preempted)
                 dist.barrier()  # rank 0's checkpoint is on disk before any rank leaves
                 stop.hand_over()  # a preempted job under submitit: its handler requeues the job and exits
-                how = (f"stopped by {signal.Signals(stop.signum).name} (preemption) at step {step}; the job's "
-                       f"next start resumes it" if stop.preempted else f"interrupted at step {step}")
+                name = signal.Signals(stop.signum).name
+                how = (f"stopped by {name} (preemption) at step {step}; the job's next start resumes it"
+                       if stop.preempted else f"interrupted at step {step}" if stop.signum == signal.SIGINT
+                       else f"stopped by {name} at step {step}")
                 stop_all(Interrupted(f"{how}; checkpoint written to {report.last}; "
-                                     f"continue with: gentrain resume={run_dir}"))
+                                     f"continue with: gentrain resume={run_dir}", stop.signum))
             if timed_out:
                 log.info("trainer.max_minutes=%g reached at step %d; continue with: gentrain resume=%s "
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
