@@ -44,6 +44,14 @@ def corpus(tmp_path_factory, data_root):
     at = bytes(flipped).find(needle)
     flipped[at + 5] ^= 0x40
     (bad / "flipped.pt").write_bytes(bytes(flipped))
+    # one byte flipped in the pickle record (its first opcode): damage, which torch's unpickler may refuse
+    # as it would a pickle that names Python objects
+    import zipfile
+    with zipfile.ZipFile(root / "gan" / "checkpoints" / "last.pt") as z:
+        pickled = z.read(next(i for i in z.infolist() if i.filename.endswith("data.pkl")))
+    damaged = bytearray(good)
+    damaged[good.find(pickled)] ^= 0x10
+    (bad / "pickle_flipped.pt").write_bytes(bytes(damaged))
     codes = torch.load(root / "codes.pt", weights_only=True)
     torch.save({"format": codes["format"], "version": codes["version"]}, bad / "codes_header_only.pt")
     torch.save({**{k: v for k, v in codes.items() if k != "digest"}, "family": "vqvae"}, bad / "codes_other_family.pt")
@@ -111,6 +119,7 @@ CASES = [
     # resume: damaged checkpoints, a changed group, a folder without a checkpoint
     (["resume={root}/bad/truncated.pt"], "truncated or corrupt"), (["resume={root}/bad/empty.pt"], "not a PyTorch file"),
     (["resume={root}/bad/flipped.pt"], "do not match their digest"),
+    (["sample", "ckpt={root}/bad/pickle_flipped.pt"], "is damaged, truncated or corrupt (its record"),
     (["resume={root}/bad/config_string.pt"], "its config is not a gentrain config"),
     (["resume={root}/bad/family_mismatch.pt"], "is not its config's model.family"),
     (["resume={root}/bad/run_without_ckpt"], "no checkpoint in"),
@@ -125,6 +134,7 @@ CASES = [
     (["sample", "ckpt={root}/gan", "mode=dream"], "mode must be one of"),
     (["sample", "ckpt={root}/gan", "class=abc"], "class must be an integer"),
     (["sample", "ckpt={root}/gan", "class=3"], "needs a conditional model"),
+    (["sample", "ckpt={root}/vae", "prior=gmm", "class=3"], "needs a conditional model"),  # before a prior is kept
     (["sample", "ckpt={root}/gan", "mode=reconstruct"], "needs a VAE checkpoint"),
     (["sample", "ckpt={root}/gan", "bogus=1"], "bogus is not a key of gentrain sample"),
     (["sample", "ckpt={root}/bad/flipped.pt"], "do not match their digest"),

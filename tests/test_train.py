@@ -166,6 +166,31 @@ def test_weights_that_diverge_after_a_finite_loss_are_never_saved(gentrain, tmp_
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
 
 
+def test_a_full_disk_under_the_tensorboard_writer_thread_is_one_line(gentrain, tmp_path, monkeypatch):
+    """TensorBoard writes its event file from a thread of its own: a full disk there stops the run with one
+    line at the next log step, no thread traceback, and the last checkpoint as it was."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "model.ch=8", "trainer.steps=2", f"hydra.run.dir={run}")
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)  # what would print a thread's traceback
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", disk_full)
+    proc = gentrain(f"resume={run}", "trainer.steps=4", check=False)
+    assert_one_line_error(proc, f"could not write the TensorBoard log in {run} (no space left on the device: "
+                                f"the disk is full)")
+    assert escaped == [] and "Exception in thread" not in proc.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+
+
 @pytest.mark.slow
 def test_failing_checkpoint_write_keeps_the_previous_one(gentrain, tmp_path):
     run = tmp_path / "run"
