@@ -238,10 +238,12 @@ REFUSALS = [
     (["dataset.root={tmp}/nothing_here", "dataset.download=false"], "not found in"),
     (["busy"], "is in use by another gentrain run"),
     (["model.ch=4"], "the stored weights do not fit"),
+    (["nan"], "holds non-finite weights (NaN/inf in D, at step"),  # the checkpoint resumed from diverged
 ]
 STARTS = {  # a resume that would delete (rollback), replace last.pt and trim the log, or branch into a new folder
     "rollback": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", "rollback=true"],
     "resume": lambda run, tmp: [f"resume={run}", "trainer.steps=6"],
+    "resume_here": lambda run, tmp: [f"resume={run}", f"hydra.run.dir={run}", "trainer.steps=6"],  # its .hydra/ kept
     "branch": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", f"hydra.run.dir={tmp / 'branch'}"],
 }
 
@@ -251,8 +253,13 @@ STARTS = {  # a resume that would delete (rollback), replace last.pt and trim th
 def test_a_refused_start_changes_no_file_of_the_run(four_steps, data_root, tmp_path, start, bad, fragment):
     run = tmp_path / "run"
     shutil.copytree(four_steps, run)
+    if bad == ["nan"]:  # the checkpoint this start resumes from holds a NaN in D (with a valid digest)
+        resumed = run / "checkpoints" / ("last.pt" if start.startswith("resume") else "step_0000002.pt")
+        state = torch.load(resumed, weights_only=True)
+        state["model"][next(k for k in state["model"] if k.startswith("D.") and k.endswith("weight"))].view(-1)[0] = float("nan")
+        checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version", "digest")}, resumed)
     before = snapshot(run)
-    args = [*STARTS[start](run, tmp_path), *(a.format(tmp=tmp_path) for a in bad if a != "busy")]
+    args = [*STARTS[start](run, tmp_path), *(a.format(tmp=tmp_path) for a in bad if a not in ("busy", "nan"))]
     refuse_a_case_that_cannot_fail(args, fragment)
     with files.RunLock(run) if bad == ["busy"] and start != "branch" else contextlib.nullcontext():
         proc = run_cli(args, tmp_path, data_root, check=False)
@@ -265,6 +272,7 @@ def test_a_refused_start_changes_no_file_of_the_run(four_steps, data_root, tmp_p
     assert log.read_bytes().startswith(four_steps.joinpath("train.log").read_bytes())
     assert {p: h for p, h in snapshot(run).items() if p != log} == {p: h for p, h in before.items() if p != log}
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == sorted(p.relative_to(four_steps) for p in four_steps.rglob("*"))
+    assert (run / ".hydra" / "config.yaml").read_bytes() == (four_steps / ".hydra" / "config.yaml").read_bytes()
     assert not (tmp_path / "branch").exists()
 
 
