@@ -1,5 +1,7 @@
 """Checkpoints are written atomically and every way a file can be wrong is one clear error."""
 
+import errno
+import io
 import os
 import shutil
 from pathlib import Path
@@ -31,14 +33,104 @@ def test_failing_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def disk_full(obj, f):
-        Path(f).write_bytes(b"partial bytes")
+        f.write(b"partial bytes")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(GentrainError, match="No space left on device.*previous checkpoint there is intact"):
+    with pytest.raises(GentrainError, match="no space left on the device: the disk is full.*previous checkpoint there is intact"):
         checkpoint.save(minimal(2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_every_rename_is_followed_by_a_sync_of_its_folder(tmp_path, monkeypatch):
+    """The file's fsync keeps its bytes, the folder's its new name: each atomic write syncs the temporary
+    file, renames it, then syncs the folder (checkpoints, with a second name, and any other file)."""
+    from gentrain import files
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                       fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("rename", str(b))), replace(a, b))[1])
+    folder = tmp_path / "checkpoints"
+    checkpoint.save(minimal(1), folder / "last.pt", also=folder / "step_1.pt")
+    files.write_text(tmp_path / "eval.json", "{}")
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"] * 2
+    assert events[1:3] == [("rename", str(folder / "last.pt")), ("fsync", str(folder))]
+    assert events[4:6] == [("rename", str(tmp_path / "eval.json")), ("fsync", str(tmp_path))]
+
+
+def test_a_damaged_pickle_is_called_damaged_and_only_real_objects_are_refused_as_such(tmp_path):
+    """A byte flipped in a checkpoint's pickle record is damage (its CRC says so), whatever torch's
+    weights_only unpickler makes of it; only an intact file that names a Python callable is refused as
+    one holding Python objects."""
+    import zipfile
+
+    path = tmp_path / "last.pt"
+    checkpoint.save(minimal(), path)
+    good = path.read_bytes()
+    (tmp_path / "good.pt").write_bytes(good)
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        pickled = z.read(record)
+    at = good.find(pickled)
+    said = set()
+    for i in range(2, len(pickled), 3):
+        flipped = bytearray(good)
+        flipped[at + i] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = checkpoint.load(path)
+        except GentrainError as e:
+            assert "Python objects" not in str(e) and "damaged" in str(e) and "\n" not in str(e)
+            said.add("CRC" in str(e) or "digest" in str(e))
+        else:  # a flip torch does not read (a memo number): the same contents
+            assert checkpoint.digest(loaded.state) == checkpoint.digest(checkpoint.load(tmp_path / "good.pt").state)
+    assert said == {True}  # each one named by its CRC or its digest
+    evil = tmp_path / "evil.pt"
+    torch.save({**minimal(), "format": "gentrain", "version": 2, "extra": Payload(tmp_path / "pwned")}, evil)
+    with pytest.raises(GentrainError, match="holds Python objects"):
+        checkpoint.load(evil)
+
+
+def test_a_header_only_checkpoint_is_incomplete_without_a_note_before(tmp_path, caplog):
+    path = tmp_path / "header.pt"
+    torch.save({"format": "gentrain", "version": 2}, path)
+    with pytest.raises(GentrainError, match="incomplete gentrain checkpoint"):
+        checkpoint.load(path)
+    assert "digest" not in caplog.text
+
+
+@pytest.mark.parametrize("code, said", [
+    (errno.EACCES, "permission denied"), (errno.EPERM, "permission denied"), (errno.EROFS, "read-only file system"),
+    (errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "disk quota exceeded"), (errno.ENOENT, "no such file or folder"),
+])
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_a_failed_write_says_what_its_errno_says(tmp_path, monkeypatch, code, said, where):
+    """The cause comes from the errno, also through torch's zip writer (which raises a RuntimeError of its own
+    for a write of the file it was given): a permission error is never called a full disk."""
+    path = tmp_path / "last.pt"
+    checkpoint.save(minimal(1), path)
+    before = path.read_bytes()
+
+    class Failing(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(code, os.strerror(code))
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if where == "open":
+            raise OSError(code, os.strerror(code), str(file))
+        return Failing()
+
+    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
+    with pytest.raises(GentrainError) as e:
+        checkpoint.save(minimal(2), path)
+    assert f"could not write checkpoint {path} (" in str(e.value) and said in str(e.value)
+    assert ("full" in str(e.value)) == (code in (errno.ENOSPC, errno.EDQUOT))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_missing_file_and_empty_run_folder(tmp_path):

@@ -44,9 +44,24 @@ def corpus(tmp_path_factory, data_root):
     at = bytes(flipped).find(needle)
     flipped[at + 5] ^= 0x40
     (bad / "flipped.pt").write_bytes(bytes(flipped))
+    # one byte flipped in the pickle record (its first opcode): damage, which torch's unpickler may refuse
+    # as it would a pickle that names Python objects
+    import zipfile
+    with zipfile.ZipFile(root / "gan" / "checkpoints" / "last.pt") as z:
+        pickled = z.read(next(i for i in z.infolist() if i.filename.endswith("data.pkl")))
+    damaged = bytearray(good)
+    damaged[good.find(pickled)] ^= 0x10
+    (bad / "pickle_flipped.pt").write_bytes(bytes(damaged))
     codes = torch.load(root / "codes.pt", weights_only=True)
     torch.save({"format": codes["format"], "version": codes["version"]}, bad / "codes_header_only.pt")
     torch.save({**{k: v for k, v in codes.items() if k != "digest"}, "family": "vqvae"}, bad / "codes_other_family.pt")
+    # a diverged run: its last checkpoint's decoder holds a NaN (with a valid digest), its step_0000002.pt not
+    shutil.copytree(root / "vae", root / "nan")
+    diverged = torch.load(root / "nan" / "checkpoints" / "last.pt", weights_only=True)
+    weight = next(k for k in diverged["model"] if k.startswith("decoder.") and k.endswith("weight"))
+    diverged["model"][weight].view(-1)[0] = float("nan")
+    checkpoint.save({k: v for k, v in diverged.items() if k not in ("format", "version", "digest")},
+                    root / "nan" / "checkpoints" / "last.pt")
     images = root / "images"
     images.mkdir()
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -68,12 +83,12 @@ CASES = [
     (["seed=null"], "seed must be an integer"), (["seed=true"], "seed must be an integer"),
     (["seed=99999999999999999999"], "seed must be an integer from 0 to"),
     (["trainer.steps=100000000000000000000"], "trainer.steps must be a positive integer up to"),
-    (["trainer.steps=0"], "trainer.steps must be a positive integer"), (["trainer.steps=2.5"], "trainer.steps"),
+    (["trainer.steps=0"], "trainer.steps must be a positive integer"), (["trainer.steps=2.5"], "must be a positive integer, got 2.5"),
     (["trainer.batch_size=abc"], "trainer.batch_size must be a positive integer"),
     (["trainer.device=tpu"], "trainer.device must be one of auto|cpu|cuda"),
     (["trainer.precision=fp8"], "trainer.precision must be one of"), (["trainer.compile=maybe"], "true or false"),
-    (["trainer.log_every=-1"], "trainer.log_every"), (["trainer.max_minutes=-1"], "trainer.max_minutes"),
-    (["trainer.eval_every=-3"], "trainer.eval_every"), (["trainer.n_samples=0"], "trainer.n_samples"),
+    (["trainer.log_every=-1"], "must be a positive integer, got -1"), (["trainer.max_minutes=-1"], "must be a positive number (or null)"),
+    (["trainer.eval_every=-3"], "must be an integer >= 0, got -3"), (["trainer.n_samples=0"], "must be an integer from 1 to 10000"),
     (["trainer.eval_every=5", "trainer.eval_metric=foo"], "trainer.eval_metric must be one of"),
     (["trainer.eval_every=5", "trainer.eval_metric=nll"], "trainer.eval_metric=nll is not computed here"),
     (["trainer.eval_every=5", "metrics.k=0"], "metrics.k must be a positive integer"),
@@ -85,14 +100,15 @@ CASES = [
     (["modle=gan"], "did you mean model"), (["+model.foo=1"], "model.foo is not a setting of model=gan"),
     (["model.ch=0"], "model.ch must be a positive integer"), (["model.ch=1.5"], "model.ch must be an integer"),
     (["model.ema=maybe"], "model.ema must be a number"), (["model.ema=1.0"], "0 <= model.ema < 1"),
-    (["model.loss=wasserstein"], "is not a GAN loss"), (["model.z_dim=-2"], "model.z_dim"),
+    (["model.loss=wasserstein"], "is not a GAN loss"), (["model.z_dim=-2"], "must be a positive integer, got -2"),
     (["model.ch=100000000"], "too large to build here"),
-    (["model=vae", "model.beta=-1"], "model.beta >= 0"), (["model=vae", "model.k=0"], "model.k"),
-    (["model=vqvae", "model.num_codes=1"], "model.num_codes"),
+    (["model=vae", "model.beta=-1"], "model.beta >= 0"), (["model=vae", "model.k=0"], "must be a positive integer, got 0"),
+    (["model=vqvae", "model.num_codes=1"], "must be an integer >= 2"),
     (["dataset.image_size=100"], "dataset.image_size must be one of 16, 28, 32, 64, 128, 256, 512"),
-    (["dataset.workers=-1"], "dataset.workers"), (["dataset.hflip=maybe"], "dataset.hflip must be true or false"),
+    (["dataset=folder", "dataset.root={root}/images", "dataset.workers=-1"], "must be an integer from 0 to 256"), (["dataset.hflip=maybe"], "dataset.hflip must be true or false"),
     (["dataset.on_device=maybe"], "dataset.on_device must be one of"), (["dataset=folder"], "dataset.root has no value"),
     (["rollback=maybe"], "rollback must be true or false"), (["model=foo"], "model=foo is not an option"),
+    (["trainer=5"], "choose from default"), (["model=[1]"], "choose from gan, vae, vqvae"),
     (["trainer.steps=[1"], "no viable alternative"), (["model=gan,vae"], "--multirun"),
     (["hydra.run.dir={root}/a_file/run"], "a_file is a file"),
     # data: missing, empty, broken, not a folder
@@ -103,6 +119,7 @@ CASES = [
     # resume: damaged checkpoints, a changed group, a folder without a checkpoint
     (["resume={root}/bad/truncated.pt"], "truncated or corrupt"), (["resume={root}/bad/empty.pt"], "not a PyTorch file"),
     (["resume={root}/bad/flipped.pt"], "do not match their digest"),
+    (["sample", "ckpt={root}/bad/pickle_flipped.pt"], "is damaged, truncated or corrupt (its record"),
     (["resume={root}/bad/config_string.pt"], "its config is not a gentrain config"),
     (["resume={root}/bad/family_mismatch.pt"], "is not its config's model.family"),
     (["resume={root}/bad/run_without_ckpt"], "no checkpoint in"),
@@ -117,6 +134,7 @@ CASES = [
     (["sample", "ckpt={root}/gan", "mode=dream"], "mode must be one of"),
     (["sample", "ckpt={root}/gan", "class=abc"], "class must be an integer"),
     (["sample", "ckpt={root}/gan", "class=3"], "needs a conditional model"),
+    (["sample", "ckpt={root}/vae", "prior=gmm", "class=3"], "needs a conditional model"),  # before a prior is kept
     (["sample", "ckpt={root}/gan", "mode=reconstruct"], "needs a VAE checkpoint"),
     (["sample", "ckpt={root}/gan", "bogus=1"], "bogus is not a key of gentrain sample"),
     (["sample", "ckpt={root}/bad/flipped.pt"], "do not match their digest"),
@@ -136,7 +154,7 @@ CASES = [
     (["eval", "ckpt={root}/gan", "metrics=[bogus]"], "metrics.compute[0] must be one of"),
     (["eval", "ckpt={root}/gan", "metrics=[nll]"], "nothing to compute"),
     (["eval", "ckpt={root}/gan", "metrics.features=clip"], "metrics.features must be one of"),
-    (["eval", "ckpt={root}/gan", "metrics.cache_dir={root}/a_file/cache"], "metrics.cache_dir"),
+    (["eval", "ckpt={root}/gan", "metrics.cache_dir={root}/a_file/cache"], "for the metrics cache"),
     (["eval", "ckpt={root}/gan", "ema=maybe"], "ema must be true or false"),
     (["eval", "ckpt={root}/gan", "metrics=[fid]", "out={root}/a_file/eval.json"], "a_file is a file"),
     # encode and decode
@@ -150,30 +168,112 @@ CASES = [
     (["decode", "input={root}/codes.pt", "out={root}/dec/", "batch_size=0"], "batch_size must be a positive integer"),
     (["decode", "input={root}/codes.pt"], "out has no value"),
     (["decode", "input={root}/bad/codes_header_only.pt", "out={root}/dec/"], "incomplete codes file"),
-    (["decode", "input={root}/bad/codes_other_family.pt", "out={root}/dec/", "ckpt={root}/vae"], "codes"),
+    (["decode", "input={root}/bad/codes_other_family.pt", "out={root}/dec/", "ckpt={root}/vae"], "holds vqvae codes"),
     (["decode", "input={root}/gan/checkpoints/last.pt", "out={root}/dec/"], "is a checkpoint, not a codes file"),
     (["decode", "input={root}/codes.pt", "out={root}/a_file"], "is a file"),
     (["decode", "input={root}/codes.pt", "out={root}/a_file/dec/"], "a_file is a file"),
     (["eval", "ckpt={root}/gan", "metrics=[fid]", "out={root}/gan"], "it is a folder"),
     (["eval", "{root}/bad/truncated.pt"], "truncated or corrupt"),
+    # non-finite weights, refused where they are loaded, by every verb and prior, with the way back
+    *[(args, "holds non-finite weights (NaN/inf in decoder, at step 2); the newest checkpoint of the run with finite "
+             "weights is {root}/nan/checkpoints/step_0000002.pt (step 2); continue the run from there with: "
+             "gentrain resume={root}/nan/checkpoints/step_0000002.pt rollback=true")
+      for args in (["sample", "ckpt={root}/nan"], ["sample", "ckpt={root}/nan", "prior=gmm"],
+                   ["sample", "ckpt={root}/nan", "mode=reconstruct"], ["eval", "ckpt={root}/nan", "metrics=[fid]"],
+                   ["encode", "ckpt={root}/nan", "input=test", "n=4", "out={root}/nan.pt"],
+                   ["decode", "input={root}/codes.pt", "ckpt={root}/nan", "out={root}/dec/"],
+                   ["resume={root}/nan", "trainer.steps=4"])],
     # classifier
     (["classifier", "epochs=0"], "epochs must be an integer from 1"), (["classifier", "lr=-1"], "lr must be a positive"),
     (["classifier", "dataset=imagenet"], "dataset=imagenet is not an option"),
 ]
 
 
+def refuse_a_case_that_cannot_fail(args: list[str], fragment: str) -> None:
+    """A fragment the command line itself holds (a key, a file name) is in any error that quotes the command:
+    such a case passes whatever the error says."""
+    if fragment in " ".join(args):
+        raise ValueError(f"the expected fragment {fragment!r} is part of the case's own command {args}: "
+                         f"expect words of the error that the command does not say")
+
+
+def test_the_harness_refuses_a_case_whose_fragment_is_in_its_command():
+    with pytest.raises(ValueError, match="part of the case's own command"):
+        refuse_a_case_that_cannot_fail(["decode", "input=/x/codes_other_family.pt"], "codes")
+    for args, fragment in CASES:
+        refuse_a_case_that_cannot_fail(args, fragment)
+
+
 @pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
 def test_a_bad_input_is_one_line_and_changes_nothing(corpus, data_root, tmp_path, args, fragment):
-    args = [a.format(root=corpus, data=data_root) for a in args]
+    args, fragment = [a.format(root=corpus, data=data_root) for a in args], fragment.format(root=corpus)
+    refuse_a_case_that_cannot_fail(args, fragment)
     if args[0] not in ("sample", "eval", "encode", "decode", "classifier") and not any(
             a.startswith(("resume=", "hydra.run.dir=")) for a in args):
         args = [*TINY, f"hydra.run.dir={tmp_path / 'run'}", *args]  # a training start, in its own folder
-    before = snapshot(corpus / "gan", corpus / "vae")
+    before = snapshot(corpus / "gan", corpus / "vae", corpus / "nan")
     proc = run_cli(args, tmp_path, data_root, check=False)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert_one_line_error(proc, fragment)
-    assert snapshot(corpus / "gan", corpus / "vae") == before  # existing files unchanged
+    assert snapshot(corpus / "gan", corpus / "vae", corpus / "nan") == before  # existing files unchanged
     assert not (tmp_path / "run").exists()  # a failed start leaves no run folder
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, data_root):
+    """A GAN run of 4 steps with checkpoints and grids at steps 2 and 4: something for a rollback to delete."""
+    root = tmp_path_factory.mktemp("four")
+    run_cli(["model=gan", *TINY, "trainer.steps=4", f"hydra.run.dir={root / 'run'}"], root, data_root)
+    return root / "run"
+
+
+# A refusal at each check a start makes, in the order it makes them: the command line, the checkpoint's
+# config groups, the device, the data, the folder's lock, and last the checkpoint restored into the model.
+REFUSALS = [
+    (["trainer.steps=abc"], "trainer.steps must be a positive integer"),
+    (["model=vae"], "model=vae cannot change when resuming"),
+    pytest.param(["trainer.device=cuda"], "torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    (["trainer.devices=3"], "must split evenly over 3 processes"),
+    (["dataset.root={tmp}/nothing_here", "dataset.download=false"], "not found in"),
+    (["busy"], "is in use by another gentrain run"),
+    (["model.ch=4"], "the stored weights do not fit"),
+    (["nan"], "holds non-finite weights (NaN/inf in D, at step"),  # the checkpoint resumed from diverged
+]
+STARTS = {  # a resume that would delete (rollback), replace last.pt and trim the log, or branch into a new folder
+    "rollback": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", "rollback=true"],
+    "resume": lambda run, tmp: [f"resume={run}", "trainer.steps=6"],
+    "resume_here": lambda run, tmp: [f"resume={run}", f"hydra.run.dir={run}", "trainer.steps=6"],  # its .hydra/ kept
+    "branch": lambda run, tmp: [f"resume={run / 'checkpoints' / 'step_0000002.pt'}", f"hydra.run.dir={tmp / 'branch'}"],
+}
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+@pytest.mark.parametrize("bad, fragment", REFUSALS)
+def test_a_refused_start_changes_no_file_of_the_run(four_steps, data_root, tmp_path, start, bad, fragment):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    if bad == ["nan"]:  # the checkpoint this start resumes from holds a NaN in D (with a valid digest)
+        resumed = run / "checkpoints" / ("last.pt" if start.startswith("resume") else "step_0000002.pt")
+        state = torch.load(resumed, weights_only=True)
+        state["model"][next(k for k in state["model"] if k.startswith("D.") and k.endswith("weight"))].view(-1)[0] = float("nan")
+        checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version", "digest")}, resumed)
+    before = snapshot(run)
+    args = [*STARTS[start](run, tmp_path), *(a.format(tmp=tmp_path) for a in bad if a not in ("busy", "nan"))]
+    refuse_a_case_that_cannot_fail(args, fragment)
+    with files.RunLock(run) if bad == ["busy"] and start != "branch" else contextlib.nullcontext():
+        proc = run_cli(args, tmp_path, data_root, check=False)
+    if bad == ["busy"] and start == "branch":  # a branch goes to a folder of its own: nothing holds it
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_error(proc, fragment)
+    log = run / "train.log"  # the log is a history: a refused start may add to it (what it loaded), never change it
+    assert log.read_bytes().startswith(four_steps.joinpath("train.log").read_bytes())
+    assert {p: h for p, h in snapshot(run).items() if p != log} == {p: h for p, h in before.items() if p != log}
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == sorted(p.relative_to(four_steps) for p in four_steps.rglob("*"))
+    assert (run / ".hydra" / "config.yaml").read_bytes() == (four_steps / ".hydra" / "config.yaml").read_bytes()
+    assert not (tmp_path / "branch").exists()
 
 
 def test_a_second_run_or_resume_into_a_busy_folder_is_refused(gentrain, corpus, tmp_path):
@@ -255,11 +355,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_files(corpus, data_root,
     fill(tiny_disk, 8_000)
     before = snapshot(run)
     for args, fragment in [
-        (["sample", f"ckpt={run}", "n=3000", f"out={tiny_disk / 'many'}/"], "is the disk full?"),
-        (["sample", f"ckpt={run}", "n=1024", f"out={tiny_disk / 'grid.png'}"], "is the disk full?"),
-        (["decode", f"input={tiny_disk / 'codes.pt'}", f"ckpt={corpus / 'vae'}", f"out={tiny_disk / 'dec'}/"], "disk full"),
-        (["encode", f"ckpt={corpus / 'vae'}", "input=test", "n=2000", f"out={tiny_disk / 'more.pt'}"], "is the disk full?"),
-        ([f"resume={run}", "trainer.steps=4"], "is the disk full?"),
+        (["sample", f"ckpt={run}", "n=3000", f"out={tiny_disk / 'many'}/"], "the disk is full"),
+        (["sample", f"ckpt={run}", "n=1024", f"out={tiny_disk / 'grid.png'}"], "the disk is full"),
+        (["decode", f"input={tiny_disk / 'codes.pt'}", f"ckpt={corpus / 'vae'}", f"out={tiny_disk / 'dec'}/"], "the disk is full"),
+        (["encode", f"ckpt={corpus / 'vae'}", "input=test", "n=2000", f"out={tiny_disk / 'more.pt'}"], "the disk is full"),
+        ([f"resume={run}", "trainer.steps=4"], "the disk is full"),
     ]:
         metrics = (run / "metrics.jsonl").read_text()
         proc = run_cli(args, tiny_disk, data_root, check=False)

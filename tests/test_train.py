@@ -118,12 +118,76 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same_run(data_root, 
     assert losses(tmp_path / "straight") == losses(run)
 
 
+def test_sigterm_writes_a_checkpoint_says_so_in_one_line_and_exits_143(data_root, tmp_path):
+    """What SLURM and Kubernetes send before they stop a job: a checkpoint at a step boundary, one line,
+    and 128 + 15, the status a shell gives a process that SIGTERM ended (Ctrl-C's is 130)."""
+    run = tmp_path / "run"
+    proc = start_cli(["model=vae", *FAST, "model.ch=8", "trainer.steps=100000", "trainer.log_every=1",
+                      "trainer.ckpt_every=100000", "trainer.sample_every=100000", f"hydra.run.dir={run}"],
+                     tmp_path, data_root)
+    wait_for_log_lines(run / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert len(lines) == 1 and lines[0].startswith(f"gentrain: stopped by SIGTERM at step {stopped};"), stderr
+    assert f"continue with: gentrain resume={run}" in lines[0]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(gentrain, tmp_path):
     run = tmp_path / "run"
     gentrain("model=vae", *FAST, "trainer.steps=4", f"hydra.run.dir={run}")
     good = (run / "checkpoints" / "last.pt").read_bytes()
     proc = gentrain(f"resume={run}", "optim.lr=1e10", "trainer.steps=40", check=False)
     assert_one_line_error(proc, "loss became NaN/inf at step", f"last good checkpoint: {run / 'checkpoints' / 'last.pt'}")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+
+
+def test_weights_that_diverge_after_a_finite_loss_are_never_saved(gentrain, tmp_path, monkeypatch):
+    """An update can leave NaN weights after a step whose loss was finite: the loop checks the weights where
+    it saves, so last.pt stays the last finite one."""
+    from gentrain.models.vae import VAE
+
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "model.ch=8", "trainer.steps=2", f"hydra.run.dir={run}")
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    after_step = VAE.after_step
+
+    def diverge(self, phase, step):  # the update of step 4 (index 3) overflows a decoder weight after its finite loss
+        after_step(self, phase, step)
+        if int(step) == 3:
+            next(self.decoder.parameters()).data.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(VAE, "after_step", diverge)
+    proc = gentrain(f"resume={run}", "trainer.steps=4", check=False)
+    assert_one_line_error(proc, "the weights of decoder became NaN/inf by step 4; stopped without saving",
+                          f"last good checkpoint: {run / 'checkpoints' / 'last.pt'}")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+
+
+def test_a_full_disk_under_the_tensorboard_writer_thread_is_one_line(gentrain, tmp_path, monkeypatch):
+    """TensorBoard writes its event file from a thread of its own: a full disk there stops the run with one
+    line at the next log step, no thread traceback, and the last checkpoint as it was."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    run = tmp_path / "run"
+    gentrain("model=vae", *FAST, "model.ch=8", "trainer.steps=2", f"hydra.run.dir={run}")
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)  # what would print a thread's traceback
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", disk_full)
+    proc = gentrain(f"resume={run}", "trainer.steps=4", check=False)
+    assert_one_line_error(proc, f"could not write the TensorBoard log in {run} (no space left on the device: "
+                                f"the disk is full)")
+    assert escaped == [] and "Exception in thread" not in proc.stderr
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
 
 

@@ -11,7 +11,10 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,7 +265,8 @@ def save(ckpt: dict, path: Path, also: Path | None = None, kind: str = "checkpoi
     payload = {"format": FORMAT, "version": VERSION, **ckpt} if kind == "checkpoint" else ckpt
     path = Path(path)
     with files.atomic(path, note=f"the previous {kind} there is intact", what=kind) as tmp:
-        torch.save({**payload, "digest": digest(payload)}, tmp)
+        with open(tmp, "wb") as f:  # through Python's file: a failed write keeps its errno (files.os_error)
+            torch.save({**payload, "digest": digest(payload)}, f)
         if also is not None:
             also.unlink(missing_ok=True)
             try:
@@ -273,8 +277,14 @@ def save(ckpt: dict, path: Path, also: Path | None = None, kind: str = "checkpoi
 
 def read(path: Path, what: str = "gentrain checkpoint"):
     """torch.load(weights_only=True) of a file that should be a `what`, its digest checked: a file that is
-    not a PyTorch file, is truncated or corrupt, carries a pickle payload (which is never run), or whose
-    contents no longer match their digest (bit rot, a damaged copy) is one GentrainError."""
+    not a PyTorch file, is damaged (truncated, a zip record or pickle that does not hold together), carries
+    a pickle payload (which is never run), or whose contents no longer match their digest (bit rot, a
+    damaged copy) is one GentrainError."""
+    return _read(path, what)[0]
+
+
+def _read(path: Path, what: str) -> tuple[object, bool]:
+    """read(), and whether the file carried a digest that was checked."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
@@ -282,27 +292,44 @@ def read(path: Path, what: str = "gentrain checkpoint"):
     except OSError as e:
         raise GentrainError(f"cannot read {path} ({files.cause(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad CRC, EOF, a pickle payload, ...
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        with warnings.catch_warnings():  # a damaged pickle can make torch warn (an unknown protocol) first
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, EOF, a pickle that does not parse, a pickle payload, ...
+        damaged = _failed_record(path)
+        refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
+        if refused and damaged is None and re.search(r"unsupported global", str(e), re.IGNORECASE):
+            # an intact file whose pickle names a class or function: what an attack, not damage, looks like
             raise GentrainError(f"{path} holds Python objects that a {what} never contains; "
                                 f"refusing to load it (nothing in it was run)") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GentrainError(f"cannot read {what} {path}: it is truncated or corrupt ({first})") from None
-    if isinstance(obj, dict) and "digest" in obj:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = damaged or ("its pickle does not parse" if refused else lines[0])
+        raise GentrainError(f"cannot read {what} {path}: it is damaged, truncated or corrupt ({detail}); use "
+                            f"another copy or an earlier checkpoint") from None
+    verified = isinstance(obj, dict) and "digest" in obj
+    if verified:
         stored = obj.pop("digest")
         if stored != digest(obj):
-            raise GentrainError(f"{what} {path} is corrupted: its contents do not match their digest (a damaged "
-                                f"or incomplete copy); use another copy or an earlier checkpoint")
-    elif isinstance(obj, dict) and obj.get("format") == FORMAT:
-        log.warning("note: %s was written before checkpoints carried a digest; loaded without verifying it", path)
-    return obj
+            raise GentrainError(f"{what} {path} is damaged: its contents do not match their digest (bit rot, or "
+                                f"an incomplete copy); use another copy or an earlier checkpoint")
+    return obj, verified
+
+
+def _failed_record(path: Path) -> str | None:
+    """What is damaged in a zip file: a record whose bytes fail their CRC-32 (which torch.load does not
+    check), or its index; None for an intact archive."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception:  # a zip whose index is cut off or damaged
+        return "its zip index is cut off or damaged"
+    return None if bad is None else f"its record {bad} fails its CRC check"
 
 
 def load(path) -> Checkpoint:
     """Read and check a gentrain checkpoint; every way it can be wrong ends in one GentrainError."""
     path = resolve(path)
-    ckpt = read(path)
+    ckpt, verified = _read(path, "gentrain checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise GentrainError(f"{path} is not a gentrain checkpoint (a PyTorch file without gentrain's header)")
     if ckpt.get("version", 0) > VERSION:
@@ -311,10 +338,50 @@ def load(path) -> Checkpoint:
     if missing:
         raise GentrainError(f"{path} is an incomplete gentrain checkpoint (missing {', '.join(missing)})")
     _check_facts(path, ckpt)
+    if not verified and ckpt.get("version", 0) >= 2:  # every format-2 file was written with its digest
+        raise GentrainError(f"gentrain checkpoint {path} is damaged: its digest is missing (a format-2 checkpoint "
+                            f"carries one); use another copy or an earlier checkpoint")
+    bad = nonfinite(ckpt["model"]) + [f"its fitted prior={k}" for k, prior in ckpt.get("sampling_priors", {}).items()
+                                       if isinstance(prior, dict) and nonfinite(prior)]
+    if bad:  # a diverged run's weights: every sample, score or code made from them would be noise or NaN
+        raise GentrainError(f"{path} holds non-finite weights (NaN/inf in {', '.join(bad)}, at step {ckpt['step']}); "
+                            f"{finite_alternative(path)}")
+    if not verified:  # said once the file is known to be a whole checkpoint, which an old one is
+        log.warning("note: %s was written before checkpoints carried a digest; loaded without verifying it", path)
     model = ckpt["config"]["model"]  # format 1: a D with R1 (a GAN's keys) left its batch norm out under auto
     if ckpt.get("version", 0) < 2 and model.get("d_norm") == "auto" and model.get("r1"):
         model["d_norm"] = "none"
     return Checkpoint(path, ckpt)
+
+
+def nonfinite(weights: dict) -> list[str]:
+    """The networks (a state dict key's first part: G, D, G_ema, encoder, ...) whose tensors hold a NaN or an
+    inf, in order; one host sync for all of them."""
+    floats = [(k, v) for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+    return list(dict.fromkeys(str(k).split(".")[0] for (k, _), ok in zip(floats, finite) if not ok))
+
+
+def finite_alternative(path: Path) -> str:
+    """Where to go from a checkpoint with non-finite weights: the newest checkpoint of its run whose weights
+    are finite, and the command that continues the run from there."""
+    run, step, newest = run_dir_of(path), -1, None
+    for other in (run / "checkpoints").glob("*.pt"):
+        if other.resolve() == Path(path).resolve():
+            continue
+        try:
+            state = torch.load(other, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(state.get("step"), int) and state["step"] > step and not nonfinite(state["model"]):
+                step, newest = state["step"], other
+        except Exception:  # a damaged or foreign file is no way out
+            continue
+    if newest is None:
+        return (f"no other checkpoint in {run} has finite weights: train again, with a lower optim.lr or "
+                f"trainer.precision=fp32")
+    return (f"the newest checkpoint of the run with finite weights is {newest} (step {step}); continue the run "
+            f"from there with: gentrain resume={newest} rollback=true")
 
 
 def _check_facts(path: Path, ckpt: dict) -> None:

@@ -79,6 +79,13 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
         return run_dir
     except GentrainError as e:
         fail(str(e))
+    except (ValueError, TypeError):  # a config group given something else than names (trainer=5, model=[1])
+        named = lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+        group = next((o for o in parsed if _is_group(o.key_or_group) and not named(o.value())), None)
+        if group is None:
+            raise
+        fail(f"{group.key_or_group}={group.value()} is not an option; choose from "
+             f"{', '.join(_options(group.key_or_group))} (a config group takes the name of one of its configs)")
     except (HydraException, OmegaConfBaseException) as e:  # Hydra's composition and parse errors
         key = re.search(r"Could not override '([^']+)'", str(e))
         if key:  # a misspelt key: the nearest known ones, never Hydra's advice to append it with +
@@ -86,6 +93,18 @@ def check_overrides(verb: str, args: list[str]) -> str | None:
 
             fail(str(unknown(key.group(1), verb, _keys(verb, [o for o in overrides if not o.startswith(key.group(1))]))))
         fail(_one_line(e))
+
+
+def _is_group(name: str) -> bool:
+    from gentrain.config import config_dir
+
+    return bool(name) and (config_dir() / name).is_dir()
+
+
+def _options(group: str) -> list[str]:
+    from gentrain.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 def _keys(verb: str, overrides: list[str]) -> list[str]:
@@ -115,9 +134,9 @@ def _check_launcher(target: str) -> None:
 
 
 def _resume_dir(args: list[str]) -> tuple[str, bool] | None:
-    """The folder a resumed run continues in, and whether Hydra's run dir must be pointed there: its own
-    folder (keeping its .hydra/), unless it branches from an earlier checkpoint into a new folder
-    (checkpoint.branches) or hydra.run.dir says where."""
+    """The folder a resumed run continues in, and whether it is the run's own (whose .hydra/ Hydra must leave
+    as it is): its own folder, unless it branches from an earlier checkpoint into a new folder
+    (checkpoint.branches: None, Hydra names it) or hydra.run.dir says where."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from gentrain import checkpoint
@@ -130,9 +149,12 @@ def _resume_dir(args: list[str]) -> tuple[str, bool] | None:
     given = next((parse(a) for a in args if a.startswith("hydra.run.dir=")), None)
     try:
         path = checkpoint.resolve(value)
-        if given is not None or checkpoint.branches(path, rollback):
-            return None if given is None else (str(given), False)
-        return str(checkpoint.run_dir_of(path)), True
+        home = checkpoint.run_dir_of(path)
+        if given is not None:  # the run's own folder given again keeps its .hydra/ as the run's own record
+            return str(given), Path(str(given)).expanduser().resolve() == home.resolve()
+        if checkpoint.branches(path, rollback):
+            return None
+        return str(home), True
     except GentrainError as e:
         fail(str(e))
 
@@ -175,9 +197,11 @@ def _main(args: list[str]) -> None:
     # One training run started here (not a sweep, not one of torchrun's workers): its folder is known now.
     single = verb == "train" and not {"-m", "--multirun"} & set(args) and run_dir is not None and not dist.launched()
     if single and (resumed := _resume_dir(args)):
-        run_dir, pin = resumed
-        if pin:
-            args += [f"hydra.run.dir={quote(run_dir)}", "hydra.output_subdir=null"]
+        run_dir, own = resumed
+        if own:
+            if not any(a.startswith("hydra.run.dir=") for a in args):
+                args.append(f"hydra.run.dir={quote(run_dir)}")
+            args.append("hydra.output_subdir=null")
     elif single and not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={quote(run_dir)}")  # the folder locked below is the one Hydra writes
     if dist.rank() > 0:

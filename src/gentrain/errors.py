@@ -15,14 +15,21 @@ class GentrainError(Exception):
 
 
 class Interrupted(GentrainError):
-    """Ctrl-C or SIGTERM: a checkpoint was written and the run can be resumed."""
+    """A signal stopped the run (Ctrl-C, SIGTERM, a scheduler's preemption): a checkpoint was written and the
+    run can be resumed. It exits as a shell reports a process that the signal ended, 128 + its number
+    (SIGINT 130, SIGTERM 143), which is what schedulers and scripts test for."""
 
     exit_code = 130
 
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
 
 def fail(message: str, code: int = 2):
-    """Print `gentrain: error: MESSAGE` (Ctrl-C, the user's choice, is a plain note) and exit with `code`."""
-    print(f"gentrain: {'' if code == 130 else 'error: '}{message}", file=sys.stderr)
+    """Print `gentrain: error: MESSAGE` (a signal's stop, the user's or a scheduler's choice, is a plain note)
+    and exit with `code`."""
+    print(f"gentrain: {'' if code > 128 else 'error: '}{message}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -16,10 +16,35 @@ from gentrain.errors import GentrainError
 TMP = ".tmp"
 
 
+CAUSES = {  # what the errno says, in the user's words
+    errno.ENOSPC: "no space left on the device: the disk is full",
+    errno.EDQUOT: "disk quota exceeded: the disk is full for this user",
+    errno.EFBIG: "file too large for this file system or the file-size limit (ulimit -f)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.EROFS: "read-only file system",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
 def cause(e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"{e.strerror}: is the disk full?"
+    """An OSError's cause, chosen by its errno (not guessed from the operation that failed)."""
+    if e.errno in CAUSES:
+        return CAUSES[e.errno]
     return e.strerror or str(e).splitlines()[0]
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, or the one a library's own error was raised while handling
+    (torch's zip writer turns a failed write of the file object it writes to into a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def make_dir(path: Path, what: str = "folder") -> Path:
@@ -56,8 +81,9 @@ def temp_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic(path: Path, note: str = "", what: str = ""):
-    """`with atomic(path) as tmp:` write to `tmp`; on success it is fsynced and renamed to `path`, on any
-    failure removed, and an OSError (or the RuntimeError torch's zip writer turns one into) is one line.
+    """`with atomic(path) as tmp:` write to `tmp`; on success it is fsynced, renamed to `path` and the folder
+    fsynced (sync_folder), on any failure removed, and an OSError (or the RuntimeError torch's zip writer
+    turns one into) is one line.
     `note` follows the cause in that line (e.g. "the previous checkpoint there is intact")."""
     path = Path(path)
     if path.is_dir():
@@ -69,16 +95,31 @@ def atomic(path: Path, note: str = "", what: str = ""):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            reason = cause(e)
+        if os_error(e) is not None:
+            reason = cause(os_error(e))
         elif isinstance(e, RuntimeError) and any(m in str(e) for m in ("writ", "inline_container", "StreamWriter")):
-            # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its own
-            reason = f"is the disk full? {str(e).strip().splitlines()[0]}"
+            # torch's zip writer writing to a path itself: its RuntimeError carries no errno to go by
+            reason = f"the write failed: {str(e).strip().splitlines()[0]}"
         else:
             raise
         raise GentrainError(f"could not write {what + ' ' if what else ''}{path} ({reason}){'; ' + note if note else ''}") from None
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it is on disk: after a power loss or an OS crash the new name is
+    there, not the old one or none (the file's own fsync covers its bytes, not its name), as SQLite and
+    PostgreSQL do after a rename. A filesystem that cannot sync a folder (EINVAL) orders its renames itself."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str, note: str = "") -> None:

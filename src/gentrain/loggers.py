@@ -8,6 +8,8 @@ from): TensorBoard event files in the run folder by default, Weights & Biases on
 
 import hashlib
 import logging
+import threading
+import weakref
 from pathlib import Path
 
 from gentrain import files
@@ -89,18 +91,55 @@ class WandB:
         self.run.finish()
 
 
+_owners = weakref.WeakKeyDictionary()  # a logger's own threads (TensorBoard's writer) -> its _OneLine
+_calling = []  # (logger, the threads alive before) while a logger's call runs: a thread it starts may fail at once
+
+
+def _thread_failed(args) -> None:
+    """threading.excepthook: an error in a logger's own thread (TensorBoard writes its event file from one) is
+    kept for the logger's next call, which stops the run with one line; other threads' go on as before."""
+    owner = _owners.get(args.thread) or next((o for o, before in _calling if args.thread not in before), None)
+    if owner is None:
+        return _previous_hook(args)
+    owner.failed = owner.failed or args.exc_value
+
+
+_previous_hook = threading.excepthook
+
+
 class _OneLine:
-    """A logger whose failures to write (a full disk) are one GentrainError line, as every other file's."""
+    """A logger whose failures to write (a full disk) are one GentrainError line, as every other file's,
+    also where the failure happens in a thread of the logger's own, which would print a traceback."""
 
     def __init__(self, name: str, run_dir: Path, make):
-        self.name, self.run_dir = name, run_dir
+        global _previous_hook
+        self.name, self.run_dir, self.failed = name, run_dir, None
+        if threading.excepthook is not _thread_failed:
+            _previous_hook, threading.excepthook = threading.excepthook, _thread_failed
         self.logger = self._call(make)
 
     def _call(self, fn, *args):
+        before = set(threading.enumerate())
+        _calling.append((self, before))
         try:
-            return fn(*args)
-        except OSError as e:
-            raise GentrainError(f"could not write the {self.name} log in {self.run_dir} ({files.cause(e)})") from None
+            if self.failed is None:
+                return fn(*args)
+        except OSError as e:  # TensorBoard also raises here what its writer thread died of
+            self.failed = e
+        finally:
+            for thread in set(threading.enumerate()) - before:  # threads the logger started
+                _owners[thread] = self
+            _calling.remove((self, before))
+        if self.failed is not None:
+            raise GentrainError(self._line(self.failed)) from None
+
+    def _line(self, e: BaseException) -> str:
+        error = files.os_error(e)
+        if error is not None:
+            return f"could not write the {self.name} log in {self.run_dir} ({files.cause(error)})"
+        first = (str(e).strip().splitlines() or [""])[0]
+        return (f"the {self.name} logger's thread failed ({type(e).__name__}: {first}); the checkpoints written "
+                f"are intact; log to metrics.jsonl alone with trainer.loggers=[jsonl]")
 
     def scalars(self, step, values):
         self._call(self.logger.scalars, step, values)

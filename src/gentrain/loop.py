@@ -30,12 +30,15 @@ log = logging.getLogger("gentrain")
 
 def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.device, amp: torch.dtype | None,
           speed: fast.FastPath, meta: dict, seed: int, what: str,
-          schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=()) -> None:
+          schedulers: dict | None = None, resume: checkpoint.Checkpoint | None = None, evaluate=None, best_by: tuple[str, bool] | None = None, reference: torch.Tensor | None = None, loggers=(),
+          start=None) -> None:
     """Train `model` (on `device`, in train mode) for t.steps steps of `batches`, writing everything into
     run_dir; `resume` continues a checkpoint. `meta` goes into every checkpoint, `what` names the run in
     its first log line; `schedulers` (by optimizer) set the learning rates, stepped after every step;
     `amp` is the autocast dtype (None: fp32), `speed` the fast path (fast.plan);
-    `loggers` get what metrics.jsonl gets.
+    `loggers` get what metrics.jsonl gets. `start() -> loggers`, if given, is called once the checkpoint is
+    restored and before the loop writes anything: the command's own changes to the run folder, made only
+    after its last check; the loggers it returns join `loggers`.
 
     `evaluate(model) -> {name: score}` runs every t.eval_every steps; the checkpoint with the best score
     `best_by = (name, lower_is_better)` so far is kept as checkpoints/best.pt. Toy data's samples are
@@ -57,12 +60,21 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
     grid = SampleGrid(model, t.n_samples, seed, device, reference)
+    # Every check has passed: from here on the run folder changes.
+    loggers = [*loggers, *(start() if start is not None else [])]
     report = Report(run_dir, t, step, loggers, images_per_step=t.batch_size * draws)
     report.start(step, meter.logged_at, lambda: reference if reference is not None else batches(0)[0][:t.n_samples],
                  grid)
     clock = Clock(seconds, step)
 
     def save(done: int, path: Path, also: Path | None = None, preempted: bool = False) -> None:
+        # A step whose loss was finite can still leave NaN weights (its update diverged): never save those,
+        # on any rank (every rank holds the same weights, so all of them stop here together).
+        bad = checkpoint.nonfinite(model.state_dict())
+        if bad:
+            kept = f"last good checkpoint: {report.last}" if report.last.exists() else "no checkpoint was written"
+            stop_all(GentrainError(f"the weights of {', '.join(bad)} became NaN/inf by step {done}; stopped "
+                                   f"without saving ({kept}); lower optim.lr or use trainer.precision=fp32"))
         if report.writes:
             checkpoint.save(checkpoint.training_state(meta, done, clock.training(), model, optimizers, scalers,
                                                       schedulers, device, meter.state_dict(), best, preempted), path, also)
@@ -121,10 +133,12 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                 save(step, report.last, preempted=stop.preempted)
                 dist.barrier()  # rank 0's checkpoint is on disk before any rank leaves
                 stop.hand_over()  # a preempted job under submitit: its handler requeues the job and exits
-                how = (f"stopped by {signal.Signals(stop.signum).name} (preemption) at step {step}; the job's "
-                       f"next start resumes it" if stop.preempted else f"interrupted at step {step}")
+                name = signal.Signals(stop.signum).name
+                how = (f"stopped by {name} (preemption) at step {step}; the job's next start resumes it"
+                       if stop.preempted else f"interrupted at step {step}" if stop.signum == signal.SIGINT
+                       else f"stopped by {name} at step {step}")
                 stop_all(Interrupted(f"{how}; checkpoint written to {report.last}; "
-                                     f"continue with: gentrain resume={run_dir}"))
+                                     f"continue with: gentrain resume={run_dir}", stop.signum))
             if timed_out:
                 log.info("trainer.max_minutes=%g reached at step %d; continue with: gentrain resume=%s "
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)

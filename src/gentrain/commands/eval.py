@@ -46,14 +46,14 @@ def main(cfg: DictConfig) -> None:
     else:
         raise GentrainError("set ckpt=PATH (a checkpoint or run folder), or dataset=NAME for the real-data floor")
     files.check_writable(out)
-    prior = None
-    if model is not None and cfg.prior != "gaussian":
-        prior = priors.use(model, ckpt, cfg.prior, cfg.prior_components, device, cfg.data_root, cfg.batch_size)
-        print(f"prior={cfg.prior}: {prior}")
     evaluator = Evaluator(cfg.metrics, dataset_cfg, capabilities, cfg.n, cfg.seed, device,
                           amp=pick_precision(cfg.precision, device, key="precision"), batch_size=cfg.batch_size)
     if not evaluator.compute:
         raise GentrainError("nothing to compute: " + "; ".join(f"{m} {why}" for m, why in evaluator.skipped.items()))
+    prior = None  # fitted once every check has passed: a fitted prior is kept in the checkpoint
+    if model is not None and cfg.prior != "gaussian":
+        prior = priors.use(model, ckpt, cfg.prior, cfg.prior_components, device, cfg.data_root, cfg.batch_size)
+        print(f"prior={cfg.prior}: {prior}")
     if model is None:
         test = data.load(dataset_cfg, split="test").images
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))

@@ -6,6 +6,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from gentrain import files
 from gentrain.errors import GentrainError, fail
 from gentrain.images import pyplot, save_figure
 from gentrain.loop import read_record
@@ -18,7 +19,7 @@ def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as e:
-        raise GentrainError(f"cannot read {path} ({e.strerror})") from None
+        raise GentrainError(f"cannot read {path} ({files.cause(e)})") from None
     for line in lines:
         record = read_record(line)
         if record is None:

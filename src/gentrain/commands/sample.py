@@ -34,10 +34,8 @@ def draw_test_images(cfg: DictConfig, ckpt: checkpoint.Checkpoint, n: int,
     return to_signed(test.images[pick]), None if test.labels is None else test.labels[pick]
 
 
-@torch.no_grad()
-def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> tuple[torch.Tensor, int | None]:
-    """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
-    g = torch.Generator().manual_seed(cfg.seed)
+def check_mode(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint) -> None:
+    """What the model must be able to do for class= and mode=, checked before any work or write."""
     label = cfg.get("class")
     if label is not None:
         classes = model.num_classes
@@ -45,6 +43,17 @@ def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> t
             raise GentrainError(f"class={label} needs a conditional model (model.conditional=true); this one is not")
         if not label < classes:
             raise GentrainError(f"class must be an integer from 0 to {classes - 1}, got {label!r}")
+    if cfg.mode == "reconstruct" and RECONSTRUCT not in model.capabilities:
+        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); "
+                            f"this one is a {ckpt.family}")
+
+
+@torch.no_grad()
+def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> tuple[torch.Tensor, int | None]:
+    """The images the chosen mode asks for, in [-1, 1], and the grid's row length."""
+    check_mode(cfg, model, ckpt)
+    g = torch.Generator().manual_seed(cfg.seed)
+    label = cfg.get("class")
     if cfg.mode == "grid":
         z, y, nrow = grid_codes(model, cfg.n, g, label)
         return generate(model, z, device, cfg.batch_size, y), cfg.nrow or nrow
@@ -67,9 +76,6 @@ def images_for(cfg: DictConfig, model, ckpt: checkpoint.Checkpoint, device) -> t
             y = torch.full((rows,), label) if label is not None else torch.arange(rows) % model.num_classes
             y = y.repeat_interleave(STEPS)
         return generate(model, z, device, cfg.batch_size, y), STEPS
-    if RECONSTRUCT not in model.capabilities:
-        raise GentrainError(f"mode=reconstruct needs a VAE checkpoint (model=vae or vqvae); "
-                            f"this one is a {ckpt.family}")
     x, y = draw_test_images(cfg, ckpt, cfg.n, g)
     y = y.to(device) if model.num_classes else None  # a conditional VAE reads the class too
     bs = cfg.batch_size
@@ -97,6 +103,7 @@ def main(cfg: DictConfig) -> None:
     if not folder:
         image_format(out)  # an image extension, checked before the work
     files.check_writable(out, folder)
+    check_mode(cfg, model, ckpt)  # before a fitted prior is kept in the checkpoint
     if cfg.prior != "gaussian":
         print(f"prior={cfg.prior}: " + priors.use(model, ckpt, cfg.prior, cfg.prior_components, device,
                                                   cfg.data_root, cfg.batch_size))

@@ -126,7 +126,8 @@ def lazy_ratio(phases, opt: str) -> float:
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | None, dict | None]:
     """The run this command asks for: its config, its folder, the checkpoint it continues (or None), and
-    the run and step it branches from (or None).
+    the run and step it branches from (or None). It only reads and checks: what a start changes in a run
+    folder (begin) waits until every check has passed.
 
     resume= continues a run in its own folder; from an earlier checkpoint than its last, it continues in a
     new folder instead (a branch, recorded in every checkpoint of the new run), unless rollback=true.
@@ -145,16 +146,11 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | 
         home = checkpoint.run_dir_of(path)
         if checkpoint.branches(path, cfg.rollback):
             branched_from = {"run": str(home.resolve()), "checkpoint": str(path.resolve()), "step": ckpt.step}
-            for name in ("metrics.jsonl", "reals.png"):  # the history up to the branch point (the loop trims it)
-                if (home / name).is_file() and not (run_dir / name).exists():
-                    shutil.copyfile(home / name, run_dir / name)
             log.warning("note: %s is at step %d and its last checkpoint at step %d: continuing in a new run "
                         "folder, %s, to keep its later work (rollback=true continues in %s instead)", path,
                         ckpt.step, checkpoint.peek_step(home / "checkpoints" / "last.pt"), run_dir, home)
         else:
             run_dir = home
-            if cfg.rollback:
-                roll_back(run_dir, ckpt.step)
     elif last.exists():
         ckpt = checkpoint.load(last)
         if not (ckpt.preempted or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0):
@@ -166,7 +162,21 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Path, checkpoint.Checkpoint | 
     elif (run_dir / "metrics.jsonl").exists():
         log.warning("note: %s holds no checkpoint (its run stopped before writing one): starting it again", run_dir)
     check_train(cfg)
+    files.check_writable(run_dir, folder=True)
     return cfg, run_dir, ckpt, branched_from
+
+
+def begin(cfg: DictConfig, run_dir: Path, ckpt: checkpoint.Checkpoint | None, branched_from: dict | None) -> None:
+    """What a start changes in the run folders before training, called once every check has passed (the
+    config, the device, the data, the folder's lock, the checkpoint loaded into the model: see run): a
+    branch's history up to its branch point, or rollback's deletions."""
+    if branched_from is not None:
+        home = Path(branched_from["run"])
+        for name in ("metrics.jsonl", "reals.png"):  # the history up to the branch point (the loop trims it)
+            if (home / name).is_file() and not (run_dir / name).exists():
+                shutil.copyfile(home / name, run_dir / name)
+    elif ckpt is not None and cfg.rollback and checkpoint.run_dir_of(ckpt.path).resolve() == run_dir.resolve():
+        roll_back(run_dir, ckpt.step)
 
 
 def roll_back(run_dir: Path, step: int) -> None:
@@ -176,8 +186,9 @@ def roll_back(run_dir: Path, step: int) -> None:
              for p in (run_dir / folder).glob(pattern) if int(p.stem.split("_")[1]) > step]
     for p in later:
         p.unlink()
-    log.warning("note: rolled %s back to step %d (rollback=true): removed %d later checkpoint(s) and grid(s)",
-                run_dir, step, len(later))
+    if later:
+        log.warning("note: rolled %s back to step %d (rollback=true): removed %d later checkpoint(s) and grid(s)",
+                    run_dir, step, len(later))
 
 
 def objective(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -229,7 +240,12 @@ def main(cfg: DictConfig) -> float | None:
 
 def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.Checkpoint | None,
         branched_from: dict | None = None) -> None:
-    """Build the data, model, optimizers, batches and evaluator the config describes, and run the loop."""
+    """Build the data, model, optimizers, batches and evaluator the config describes, and run the loop.
+
+    A start checks everything before it changes anything: the config, device and run folder (prepare), the
+    folder's lock (main, or the gentrain command that started this one), the data and every part built
+    here, then the checkpoint restored into them (the loop); only then does `start` change the run folder
+    (rollback's deletions, a branch's history) and open the loggers, and the loop write its first files."""
     t, d = cfg.trainer, cfg.dataset
     torch.manual_seed(cfg.seed)
     main_rank = dist.rank() == 0
@@ -272,11 +288,19 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, ckpt: checkpoint.C
                            d.get("hflip", False), d.get("workers", 4), channels_last=speed.channels_last)
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    report_to = loggers.build(t.loggers, run_dir, config, ckpt.step if ckpt else 0, t.wandb_project) if main_rank else []
+
+    def start() -> list:
+        """Every check has passed, the last of them the loop's restore of the checkpoint: now the run folder
+        may change (begin), and the loggers open their files."""
+        if not main_rank:
+            return []
+        begin(cfg, run_dir, ckpt, branched_from)
+        return loggers.build(t.loggers, run_dir, config, ckpt.step if ckpt else 0, t.wandb_project)
+
     size = f"{len(train_data)} points" if facts.points else \
         f"{len(train_data)} images, {facts.image_size}x{facts.image_size}"
     loop.train(model, batches, optimizers, t, run_dir, schedulers=schedulers, device=device, amp=amp, speed=speed,
-               meta=checkpoint.meta(config, facts, choices(ckpt), branched_from), loggers=report_to,
+               meta=checkpoint.meta(config, facts, choices(ckpt), branched_from), start=start,
                seed=cfg.seed,
                what=f"{cfg.model.family} on {d.name} ({size}, {batches.where})", resume=ckpt,
                evaluate=evaluate, best_by=best_by, reference=train_data.images[:t.n_samples] if facts.points else None)

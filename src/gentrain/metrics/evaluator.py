@@ -6,6 +6,7 @@ feature space: fid@classifier, precision@inception, ... ; nelbo and nll are in n
 scores follows the model's capabilities (models/family.py), not its family's name.
 """
 
+import errno
 import hashlib
 import logging
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gentrain import data
+from gentrain import data, files
 from gentrain.errors import GentrainError
 from gentrain.images import to_signed, to_uint8
 from gentrain.metrics import IMAGE_METRICS, METRICS, SCORES, features, no_iwae_reason, scores, skipped_metrics
@@ -31,9 +32,9 @@ def cache_dir_for(metrics_cfg, dataset_cfg) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK):
-            raise PermissionError("not writable")
+            raise PermissionError(errno.EACCES, "not writable")
     except OSError as e:
-        raise GentrainError(f"cannot use {path} for the metrics cache ({getattr(e, 'strerror', None) or e}); "
+        raise GentrainError(f"cannot use {path} for the metrics cache ({files.cause(e)}); "
                             f"set metrics.cache_dir to a writable folder") from None
     return path
 
