@@ -183,8 +183,10 @@ def test_doctor_checks_the_captured_step_and_names_the_switch_that_avoids_a_brok
     from gentrain.commands import doctor
 
     small = ["model.ch=8", "trainer.batch_size=16"]
-    monkeypatch.setattr(doctor, "FAMILIES", {"gan": ["model=gan", *small, "model.r1_every=2"],
-                                             "vae": ["model=vae", *small]})
+    families = {"gan": ["model=gan", *small, "model.r1_every=2"], "vae": ["model=vae", *small]}
+    if mode == "agree":  # the GAN's two graphs; the VAE's one is no different
+        families.pop("vae")
+    monkeypatch.setattr(doctor, "FAMILIES", families)
     played(mode)
     proc = gentrain("doctor", "seconds=0.1", f"out={tmp_path / 'doctor.json'}", check=False)
     report = json.loads((tmp_path / "doctor.json").read_text())
@@ -192,7 +194,6 @@ def test_doctor_checks_the_captured_step_and_names_the_switch_that_avoids_a_brok
     if mode == "agree":
         assert proc.returncode == 0, proc.stderr
         assert gan["graphs_captured"] == 2 and gan["fallback"] is None and gan["agrees"] is True
-        assert report["families"]["vae"]["captured"]["graphs_captured"] == 1
     else:
         assert gan["graphs_captured"] == 0 and "loss of phase 1" in gan["fallback"]
         assert_one_line_error(proc, "the captured gan step does not compute the eager step's",
