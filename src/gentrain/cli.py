@@ -186,16 +186,25 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted (checkpoints already written are intact)", 130)
 
 
+def parse(args: list[str]) -> tuple[str, list[str]]:
+    """The verb, and its overrides as Hydra reads them (the shorthands and aliases spelt out)."""
+    verb = args[0] if args and args[0] in VERBS else "train"
+    args = args[1:] if args and args[0] in VERBS else list(args)
+    if verb == "plot":
+        return verb, args
+    args = _data_root(verb, _metrics_list(args))
+    if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR
+    return verb, args
+
+
 def _main(args: list[str]) -> None:
-    verb = args.pop(0) if args and args[0] in VERBS else "train"
+    verb, args = parse(args)
     if verb == "plot":
         from gentrain.commands.plot import main as plot
 
         return plot(args)
     _check_torchvision()
-    args = _data_root(verb, _metrics_list(args))
-    if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
-        args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR
     run_dir = check_overrides(verb, args)
     from gentrain import dist, files
 
