@@ -1,5 +1,5 @@
 """Train the default GAN and VAE on MNIST and Fashion-MNIST, score them with `gentrain eval`, and print
-the README's metrics table (markdown), with the real-data floor of each dataset.
+the metrics table of docs/quality.md (markdown), with the real-data floor of each dataset.
 
     python scripts/metrics_table.py [--steps 3000] [--out runs/metrics_table] [-- extra overrides]
 

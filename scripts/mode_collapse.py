@@ -2,7 +2,7 @@
 each, scored as VEEGAN and PacGAN do (modes covered, share of high-quality samples, on 2,500 samples),
 printed as a markdown table beside the published numbers.
 
-    python scripts/mode_collapse.py                      # the README table (all rows, 5 seeds)
+    python scripts/mode_collapse.py                      # the table of docs/stability.md (all rows, 5 seeds)
     python scripts/mode_collapse.py --rows plain,best --seeds 2 --steps 1000   # a quick look
 
 Each run is `gentrain experiment=toy dataset=... seed=S <row overrides>` with an evaluation at its last

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real test data from ../shared/data, a runner for the `gentrain` CLI, and the
+"""Shared fixtures: the real test data (from ../shared/data, or downloaded once), a runner for the `gentrain` CLI, and the
 artefacts several tests read (a metrics cache, a trained VQ-VAE), made once per session.
 
 Under pytest-xdist (`pytest -n 2`, the default in pyproject.toml) each worker trains on one thread, so two
@@ -21,6 +21,8 @@ from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GENTRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Where the shared data is absent, MNIST and Fashion-MNIST are downloaded here once (data_root).
+CACHE = Path(os.environ.get("GENTRAIN_TEST_DATA", Path.home() / ".cache" / "gentrain" / "test-data"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker, for this process and the ones it starts
     import torch
@@ -51,11 +53,33 @@ def once(tmp_path_factory, name: str, make) -> Path:
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    """MNIST and Fashion-MNIST unpacked once per session into torchvision's layout."""
-    if not (SHARED / "unpack.sh").is_file():
-        pytest.skip(f"needs the shared test data at {SHARED} (set GENTRAIN_SHARED_DATA to its folder)")
-    return once(tmp_path_factory, "data", lambda dest: subprocess.run(["bash", str(SHARED / "unpack.sh"), str(dest)],
-                                                                      check=True))
+    """MNIST and Fashion-MNIST in torchvision's layout: the shared test data unpacked once per session, or,
+    where there is none, downloaded once into a cache that later sessions reuse."""
+    return find_data(tmp_path_factory, SHARED, CACHE)
+
+
+def find_data(tmp_path_factory, shared: Path, cache: Path) -> Path:
+    if (shared / "unpack.sh").is_file():
+        return once(tmp_path_factory, "data", lambda dest: subprocess.run(["bash", str(shared / "unpack.sh"), str(dest)],
+                                                                          check=True))
+    return download_data(cache)
+
+
+def download_data(cache: Path) -> Path:
+    """MNIST and Fashion-MNIST downloaded by torchvision into `cache` (once: torchvision keeps files it finds);
+    the tests that need them skip, saying why, where they cannot be downloaded."""
+    import torchvision
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".lock")):
+        for name in ("MNIST", "FashionMNIST"):
+            try:
+                for train in (True, False):
+                    getattr(torchvision.datasets, name)(str(cache), train=train, download=True)
+            except (OSError, RuntimeError) as e:  # offline: URLError (an OSError), or torchvision's RuntimeError
+                pytest.skip(f"needs MNIST and Fashion-MNIST: no shared test data at {SHARED} (GENTRAIN_SHARED_DATA), "
+                            f"and {name} could not be downloaded into {cache} ({e})")
+    return cache
 
 
 @pytest.fixture(scope="session")

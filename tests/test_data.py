@@ -211,3 +211,33 @@ def test_a_huge_image_decodes_without_pils_warning(tmp_path):
         warnings.simplefilter("error")
         x = decode_file(tmp_path / "huge.png", 1, "white", 28)
     assert x.shape == (1, 28, 28) and (x == 128).all()
+
+
+def test_without_the_shared_data_the_tests_download_mnist_and_fashion_mnist_once(tmp_path, tmp_path_factory, monkeypatch):
+    """The data fixture outside this repository's setup: no shared data, so torchvision downloads both
+    datasets (mocked here: the call is what is checked) into the cache; offline, the tests skip saying why."""
+    import urllib.error
+
+    import torchvision
+
+    import conftest
+
+    calls = []
+
+    def dataset(name):
+        def download(root, train, download):
+            calls.append((name, root, train, download))
+        return download
+
+    for name in ("MNIST", "FashionMNIST"):
+        monkeypatch.setattr(torchvision.datasets, name, dataset(name))
+    cache = tmp_path / "cache"
+    assert conftest.find_data(tmp_path_factory, tmp_path / "no-shared-data", cache) == cache
+    assert calls == [(n, str(cache), train, True) for n in ("MNIST", "FashionMNIST") for train in (True, False)]
+
+    def offline(root, train, download):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(pytest.skip.Exception, match="MNIST could not be downloaded into .*Name or service not known"):
+        conftest.find_data(tmp_path_factory, tmp_path / "no-shared-data", cache)

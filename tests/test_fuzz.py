@@ -148,7 +148,7 @@ CASES = [
     (["sample", "ckpt={root}/gan", "out={root}/grid.txt"], "is not an image type"),
     # eval
     (["eval", "ckpt={root}/gan", "n=1"], "n must be an integer from 2"),
-    (["eval", "ckpt={root}/gan", "dataset.root=/data"], "dataset.root needs a dataset: add dataset=NAME; a checkpoint's own data: data_root=PATH"),
+    (["eval", "ckpt={root}/gan", "dataset.image_size=32"], "dataset.image_size needs a dataset: add dataset=NAME; a checkpoint's own data: dataset.root=PATH"),
     (["eval", "ckpt={root}/gan", "metrics.k=0"], "metrics.k must be a positive integer"),
     (["eval", "ckpt={root}/gan", "metrics.nll_n=-5"], "metrics.nll_n must be a positive integer"),
     (["eval", "ckpt={root}/gan", "metrics=[bogus]"], "metrics.compute[0] must be one of"),

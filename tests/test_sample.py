@@ -73,7 +73,7 @@ def test_slerp_ends_at_its_endpoints():
 
 def test_vae_reconstructions_from_the_test_split(gentrain, runs, tmp_path, data_root):
     out = tmp_path / "recon.png"
-    gentrain("sample", f"ckpt={runs / 'vae'}", "mode=reconstruct", "n=16", f"out={out}", f"data_root={data_root}")
+    gentrain("sample", f"ckpt={runs / 'vae'}", "mode=reconstruct", "n=16", f"out={out}", f"dataset.root={data_root}")
     assert png(out)[0] == (2 + 8 * 30, 2 + 4 * 30)  # 2 rows of inputs, each above its reconstructions
 
 

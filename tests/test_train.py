@@ -360,14 +360,23 @@ def test_wandb_logs_offline_and_a_resume_continues_its_run(gentrain, tmp_path):
     assert b"vae/loss" in history and b"samples" in history
 
 
-def test_bare_paths_and_folders_without_an_extension(gentrain, tmp_path):
+def test_bare_paths_and_folders_without_an_extension(gentrain, tmp_path, data_root):
     run = tmp_path / "run"
     gentrain("model=gan", *FAST, "trainer.steps=2", f"hydra.run.dir={run}")
     gentrain("sample", run, "n=4", f"out={tmp_path / 'fakes2'}")  # a bare run folder; out= without an extension
     assert sorted(p.name for p in (tmp_path / "fakes2").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     assert_one_line_error(gentrain("sample", run, "n=4", f"out={tmp_path / 'x.txt'}", check=False), "not an image type")
-    gentrain("eval", run, "n=20", "metrics=[fid]", f"metrics.cache_dir={tmp_path / 'cache'}")  # eval RUN_DIR too
-    assert (run / "checkpoints" / "eval.json").is_file()
+    out = gentrain("eval", run, "n=20", "metrics=[fid]", f"metrics.cache_dir={tmp_path / 'cache'}").stdout  # eval RUN_DIR too
+    assert (run / "checkpoints" / "eval.json").is_file() and "replacing" not in out
+    # dataset.root= as training spells it (data_root= is the same key); a second eval says it replaces the first
+    out = gentrain("eval", run, "n=20", "metrics=[fid]", f"metrics.cache_dir={tmp_path / 'cache'}",
+                   f"dataset.root={data_root}").stdout
+    assert "(replacing the earlier one, step 2, n=20; out=FILE.json keeps both)" in out
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    proc = gentrain("eval", run, f"dataset.root={tmp_path / 'elsewhere'}", "n=20", env=offline, check=False)
+    last = proc.stderr.strip().splitlines()[-1]  # the key is read: a root without the data is named
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and last.startswith("gentrain: error: mnist not found in")
+    assert str(tmp_path / "elsewhere") in last
 
 
 def test_a_failed_download_leaves_no_folders(gentrain, tmp_path):
@@ -376,3 +385,8 @@ def test_a_failed_download_leaves_no_folders(gentrain, tmp_path):
                     env={"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}, check=False)
     assert_one_line_error(proc, "not found in")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no dataset folders, no run folder
+    # A first run in Hydra's default folder, runs/gan-fashion_mnist/<date>_<time>/: none of runs/ is left either.
+    proc = gentrain("dataset=fashion_mnist", f"dataset.root={typo}",
+                    env={"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}, check=False)
+    assert_one_line_error(proc, "not found in")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

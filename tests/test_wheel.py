@@ -17,9 +17,15 @@ def test_wheel_in_fresh_venv_finds_its_configs_and_trains(tmp_path, data_root, m
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels), str(REPO)], check=True, capture_output=True)
     wheel = next(wheels.glob("gentrain-*.whl"))
-    # torch & co. come from the system site-packages: the venv is fresh, gentrain in it is the wheel's
+    # torch & co. come from the environment running these tests (a venv's own packages too, which a venv made
+    # with --system-site-packages would not see: it sees the base interpreter's): a .pth file appends its
+    # site-packages after the fresh venv's, so gentrain in it is the wheel's
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    running = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    Path(site, "running-environment.pth").write_text("".join(f"{p}\n" for p in running))
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"

@@ -164,6 +164,37 @@ def _metrics_list(args: list[str]) -> list[str]:
     return [f"metrics.compute={a[len('metrics='):]}" if a.startswith("metrics=[") else a for a in args]
 
 
+def _data_root(verb: str, args: list[str]) -> list[str]:
+    """`dataset.root=PATH` names where a dataset is for every verb: for sample, encode and eval of a
+    checkpoint, which brings its own dataset, it is their `data_root=` (an alias kept)."""
+    if verb in ("sample", "encode") or (verb == "eval" and not any(a.startswith("dataset=") for a in args)):
+        return [f"data_root={a[len('dataset.root='):]}" if a.startswith("dataset.root=") else a for a in args]
+    return args
+
+
+TESTED = "torch==2.14.1 torchvision==0.29.2"  # the pair the suite runs with (.ci/run installs it)
+
+
+def _check_torchvision() -> None:
+    """A torchvision built for another torch fails in its import (e.g. "operator torchvision::nms does not
+    exist"), which gentrain's own imports would turn into a long traceback: one line with both versions and
+    the install command that fixes it instead."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # RuntimeError (its compiled operators), ImportError or OSError (their library)
+        from importlib import metadata
+
+        def version(name):
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                return "(not installed)"
+
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"torchvision {version('torchvision')} does not work with torch {version('torch')} ({why}); install a "
+             f"matching pair: pip install {TESTED} (CPU-only: add --index-url https://download.pytorch.org/whl/cpu)")
+
+
 def main(argv: list[str] | None = None) -> None:
     import signal
     import threading
@@ -178,19 +209,29 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted (checkpoints already written are intact)", 130)
 
 
+def parse(args: list[str]) -> tuple[str, list[str]]:
+    """The verb, and its overrides as Hydra reads them (the shorthands and aliases spelt out)."""
+    verb = args[0] if args and args[0] in VERBS else "train"
+    args = args[1:] if args and args[0] in VERBS else list(args)
+    if verb in ("plot", "doctor"):
+        return verb, args
+    args = _data_root(verb, _metrics_list(args))
+    if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR
+    return verb, args
+
+
 def _main(args: list[str]) -> None:
-    verb = args.pop(0) if args and args[0] in VERBS else "train"
+    verb, args = parse(args)
     if verb == "plot":
         from gentrain.commands.plot import main as plot
 
         return plot(args)
+    _check_torchvision()
     if verb == "doctor":
         from gentrain.commands.doctor import main as doctor
 
         return doctor(args)
-    args = _metrics_list(args)
-    if verb in ("sample", "eval", "encode") and args and "=" not in args[0] and not args[0].startswith("-"):
-        args[0] = f"ckpt={quote(args[0])}"  # gentrain sample RUN_DIR, as gentrain plot RUN_DIR
     run_dir = check_overrides(verb, args)
     from gentrain import dist, files
 

@@ -96,7 +96,7 @@ def unknown(key: str, verb: str, extra: list[str] = ()) -> GentrainError:
     known = [k for k in dict.fromkeys([*known_keys(verb), *extra]) if "*" not in k]
     group = key.split(".")[0]
     if key in known and "." in key:  # e.g. `gentrain eval dataset.root=...` with no dataset picked
-        where = "; a checkpoint's own data: data_root=PATH" if "data_root" in known else ""
+        where = "; a checkpoint's own data: dataset.root=PATH" if "data_root" in known else ""
         return GentrainError(f"{key} needs a {group}: add {group}=NAME{where}")
     near = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(near)}?" if near else f"; `gentrain {verb if verb != 'train' else ''} --help` lists the keys"

@@ -316,7 +316,8 @@ class Batches:
                  on_device: str | bool = "auto", hflip: bool = False, workers: int = 4, channels_last: bool = False):
         n = len(data)
         if batch_size > n:
-            raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images)")
+            raise GentrainError(f"trainer.batch_size={batch_size} is larger than the dataset ({n} images); "
+                                f"set trainer.batch_size={n} or less")
         self.n, self.batch_size, self.seed, self.device, self.hflip = n, batch_size, seed, device, hflip
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.rows = dist.local_rows(batch_size)

@@ -211,13 +211,16 @@ def run_folder(run_dir: Path):
     torchrun's workers, that the lock is held."""
     run_dir = Path(run_dir).resolve()
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    made = [p for p in run_dir.parents if not p.exists()]  # runs/gan-mnist/ of a first run: made here, removed too
     with RunLock(run_dir):
         os.environ["GENTRAIN_RUN_LOCK"] = str(run_dir)
         try:
             yield
         except BaseException as e:
-            if fresh and not (isinstance(e, SystemExit) and e.code in (0, None)):
-                remove_failed_start(run_dir)
+            if fresh and not (isinstance(e, SystemExit) and e.code in (0, None)) and remove_failed_start(run_dir):
+                for parent in made:  # innermost first; one a concurrent run has filled meanwhile stays
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
         finally:
             os.environ.pop("GENTRAIN_RUN_LOCK", None)

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     device = pick_device(cfg.device, key="device")
     use_tf32(device, cfg.precision)  # before anything runs on it, a fitted prior included
     if cfg.ckpt is not None and cfg.get("dataset") is not None:
-        raise GentrainError("a checkpoint brings its own dataset: drop dataset= (data_root=PATH points at its files "
+        raise GentrainError("a checkpoint brings its own dataset: drop dataset= (dataset.root=PATH points at its files "
                             "elsewhere), or drop ckpt= to score the real data")
     if cfg.ckpt is not None:
         model, ckpt = checkpoint.load_model(cfg.ckpt, device, cfg.ema)
@@ -69,5 +69,17 @@ def main(cfg: DictConfig) -> None:
         result["nll_setup"] = {**({"k": cfg.metrics.k} if "nll" in metrics else {}),
                                "test_images": len(evaluator.test_images), **model.protocol()}
     print(table(result))
+    replaced = _earlier(out)
     files.write_text(out, json.dumps(result, indent=2) + "\n", note="the table above has the numbers")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" (replacing the earlier one, {replaced}; out=FILE.json keeps both)" if replaced else ""))
+
+
+def _earlier(out: Path) -> str | None:
+    """What an eval.json about to be replaced held, in a few words (None when there is none)."""
+    if not out.is_file():
+        return None
+    try:
+        old = json.loads(out.read_text())
+        return f"step {old['step']}, n={old['n']}" if old.get("step") is not None else f"n={old['n']}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "unreadable"
