@@ -140,7 +140,7 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
 
 def test_the_docs_show_commands_of_every_verb():
     verbs = {shlex.split(c)[1] for _, c in COMMANDS}
-    assert {"sample", "eval", "encode", "decode", "classifier", "plot"} <= verbs and len(COMMANDS) >= 60
+    assert {"sample", "eval", "encode", "decode", "classifier", "plot", "doctor"} <= verbs and len(COMMANDS) >= 60
 
 
 @pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}: {c[:70]}" for p, c in COMMANDS])
@@ -152,6 +152,12 @@ def test_each_documented_command_passes_the_checks_before_any_work(page, command
     verb, args = cli.parse(shlex.split(filled)[1:])
     if verb == "plot":  # gentrain plot RUN_DIR [out=FILE.png], or --help
         assert all(a == "--help" or a.startswith("out=") or Path(a).is_dir() for a in args), command
+        return
+    if verb == "doctor":  # gentrain doctor [device=...] [seconds=...] [compile=...] [out=...], or --help
+        from gentrain.commands.doctor import settings
+
+        if args != ["--help"]:
+            settings(args)
         return
     flags = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
     assert set(flags) <= {"--help", "--cfg", "--hydra-help"}, command

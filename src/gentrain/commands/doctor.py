@@ -195,33 +195,42 @@ def show(report: dict) -> None:
             print(f"  {family:4s} {mode:9s} {text}")
 
 
+def settings(args: list[str]) -> dict:
+    """The command line's key=value settings, checked: one GentrainError line when wrong."""
+    keys = dict(a.split("=", 1) for a in args if "=" in a)
+    if len(keys) != len(args) or keys.keys() - {"device", "seconds", "compile", "out"}:
+        raise GentrainError(f"usage: {USAGE.splitlines()[0]}")
+    try:
+        seconds = float(keys.get("seconds", 2))
+    except ValueError:
+        raise GentrainError(f"seconds must be a number, got {keys.get('seconds')!r}") from None
+    if not 0 < seconds <= 600:
+        raise GentrainError(f"seconds must be in (0, 600], got {seconds}")
+    choice = keys.get("compile", "auto")
+    if choice not in ("auto", "true", "false"):
+        raise GentrainError(f"compile must be auto, true or false, got {choice!r}")
+    device = keys.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise GentrainError(f"device must be one of auto|cpu|cuda, got {device!r}")
+    return {"device": device, "seconds": seconds, "compile": choice, "out": Path(keys.get("out", "doctor.json")).expanduser()}
+
+
 def main(args: list[str]) -> None:
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         return
-    keys = dict(a.split("=", 1) for a in args if "=" in a)
-    if len(keys) != len(args) or keys.keys() - {"device", "seconds", "compile", "out"}:
-        fail(f"usage: {USAGE.splitlines()[0]}")
     try:
-        seconds = float(keys.get("seconds", 2))
-    except ValueError:
-        fail(f"seconds must be a number, got {keys.get('seconds')!r}")
-    try:
-        device = pick_device(keys.get("device", "auto"), key="device")
-        if not 0 < seconds <= 600:
-            raise GentrainError(f"seconds must be in (0, 600], got {seconds}")
-        choice = keys.get("compile", "auto")
-        if choice not in ("auto", "true", "false"):
-            raise GentrainError(f"compile must be auto, true or false, got {choice!r}")
-        out = Path(keys.get("out", "doctor.json")).expanduser()
-        report, broken = run(device, seconds, choice == "true" or (choice == "auto" and device.type == "cuda"))
+        s = settings(args)
+        device = pick_device(s["device"], key="device")
+        compile_ = s["compile"] == "true" or (s["compile"] == "auto" and device.type == "cuda")
+        report, broken = run(device, s["seconds"], compile_)
         report["broken"] = [{"what": what, "avoid_with": switch} for what, switch in broken]
         show(report)
-        files.write_text(out, json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {out}")
+        files.write_text(s["out"], json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {s['out']}")
     except GentrainError as e:
         fail(str(e))
     if broken:
         what, switch = broken[0]
-        more = f" (and {len(broken) - 1} more in {out})" if len(broken) > 1 else ""
+        more = f" (and {len(broken) - 1} more in {s['out']})" if len(broken) > 1 else ""
         fail(f"{what}; {switch + ' avoids it' if switch else 'gentrain cannot train here'}{more}", 1)
