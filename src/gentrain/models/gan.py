@@ -164,7 +164,7 @@ class GAN(nn.Module):
         # D's batch norm mixes examples, which WGAN-GP's per-example gradient penalty (Gulrajani et al.
         # 2017, Sec. 4) and spectral norm's Lipschitz bound do not allow for: auto leaves it out then. R1
         # keeps it: on Fashion-MNIST hinge + R1 with batch norm is ahead of hinge alone at 5,000 steps, and
-        # D without batch norm was far behind, with or without R1 (README, "R1 with D's batch norm").
+        # D without batch norm was far behind, with or without R1 (docs/quality.md, "R1 with D's batch norm").
         # Checkpoints of format 1 had it off with R1 (checkpoint.py).
         if d_norm == "auto":
             d_norm = "none" if sn or loss == "wgan_gp" else "batch"
