@@ -189,7 +189,11 @@ def torchrun(nproc: int, args: list[str], run_dir: Path) -> str | None:
     for name in list(logging.root.manager.loggerDict):  # torchrun's own reports: the workers speak for themselves
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun's default is 1; split this machine's cores instead
+    # torchrun's default thread count is 1; split this machine's cores instead. Set for the workers alone:
+    # left in this process's environment it would change the thread count of every process it starts later
+    # (a test suite's subprocesses then reduce in another order than its in-process runs).
+    threads = "OMP_NUM_THREADS" not in os.environ
+    if threads:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     launch = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.5",
                          "-m", "gentrain", *args])  # --standalone: a local rendezvous with a fresh id
@@ -200,8 +204,11 @@ def torchrun(nproc: int, args: list[str], run_dir: Path) -> str | None:
         if all(code <= 1 for _, code in failures.values()):  # no worker said why (2, 130: its own line)
             return failed_worker(failures, nproc, run_dir)
         sys.exit(min(code for _, code in failures.values() if code > 1))
-    except SignalException:
-        sys.exit(130)
+    except SignalException as e:  # the launcher's own signal, passed on to the workers: exit as a shell expects
+        sys.exit(128 + int(e.sigval))
+    finally:
+        if threads:
+            del os.environ["OMP_NUM_THREADS"]
     return None
 
 
