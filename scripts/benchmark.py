@@ -154,9 +154,10 @@ def gentrain_flops(cfg, device) -> float:
     x = torch.rand(8, channels, size, size, device=device) * 2 - 1
 
     def step(x):
+        carry = {}  # what a phase hands a later one (the fakes G's phase reuses), as loop.Step passes it
         for phase in model.phases:
             if phase.every == 1:
-                model.loss(phase.name, x, None, 0)[0].backward()
+                model.loss(phase.name, x, None, 0, carry)[0].backward()
     return flops_per_image(step, x)
 
 

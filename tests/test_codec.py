@@ -136,8 +136,8 @@ def test_codec_errors_on_the_command_line_are_one_line(gentrain, tmp_path):
 
 
 @pytest.mark.parametrize("verb, texts", [
-    ("encode", ["input: ???", "input=test n=1000", "log2(K)", "KL(q(z|x) || p(z))"]),
-    ("decode", ["input: ???", "out=DIR/", "the family and code shape that made them"]),
+    ("encode", ["input              (required)", "input=test n=1000", "log2(K)", "KL(q(z|x) || p(z))"]),
+    ("decode", ["input              (required)", "out=DIR/", "the family and code shape that made them"]),
 ])
 def test_encode_and_decode_help(gentrain, verb, texts):
     out = gentrain(verb, "--help").stdout
