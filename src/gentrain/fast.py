@@ -225,10 +225,6 @@ class StepState:
                 t.copy_(s)
         self.capture.set_rng_state(rng)
 
-    def norms(self) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([t.detach().double().norm() for t in self.tensors()])
-
     def misses(self, before, after) -> torch.Tensor:
         """For each state tensor: how far its value now is from `after`, as a share of what the step changed
         from `before` to `after` (both snapshots), with a floor of 1e-6 of its size for what did not change."""
@@ -260,7 +256,7 @@ class StepGraphs:
         if self.off:
             return self.step_fn(phases, inputs, step)
         if phases not in self.graphs:
-            self.graphs[phases] = StepGraph(functools.partial(self.step_fn, phases), inputs, self.capture)
+            self.graphs[phases] = StepGraph(functools.partial(self.step_fn, phases), inputs)
         graph = self.graphs[phases]
         graph.load(inputs, step)
         if graph.calls < self.warmup:  # real training steps, eager, as capture needs (cuDNN autotuning, Adam's state)
@@ -333,9 +329,9 @@ class StepGraph:
     The step's outputs are static tensors, overwritten by every replay: read them before the next one.
     """
 
-    def __init__(self, step_fn, inputs: list[tuple], capture):
+    def __init__(self, step_fn, inputs: list[tuple]):
         device = next(t for run in inputs for t in run if t is not None).device
-        self.step_fn, self.capture, self.calls = step_fn, capture, 0
+        self.step_fn, self.calls = step_fn, 0
         self.inputs = [tuple(None if t is None else t.clone() for t in run) for run in inputs]
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.graph = self.outputs = None

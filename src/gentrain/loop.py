@@ -56,8 +56,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
     if speed.compile:
         fast.compile_networks(model, speed.compile_options)
     run_step = stepper(model, optimizers, scalers, speed)
-    # A phase that runs r times in a step reads a fresh batch each time: batches step * draws + 0 .. r - 1.
-    draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
+    draws = draws_per_step(model)
     # One fixed noise batch for every sample grid, so grids over training show the same latents.
     grid = SampleGrid(model, t.n_samples, seed, device, reference)
     # Every check has passed: from here on the run folder changes.
@@ -86,10 +85,7 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                  "".join(f" with {h}" for h in how), step, t.steps, run_dir, uncaptured)
         while step < t.steps:
             # Train: every phase that falls on this step, each on its own batch.
-            phases = tuple(p for p in model.phases if step % p.every == 0)
-            runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
-            inputs = [batches(step * draws + r) for r in runs]
-            meter.add(step, run_step(phases, inputs, step))
+            meter.add(step, run_step(*due(model, batches, step, draws), step))
             step += 1
             report.bar.update(1)
             # Agree on stopping: trainer.max_minutes ends the run as its last step would, once its training
@@ -144,6 +140,19 @@ def train(model, batches, optimizers: dict, t, run_dir: Path, *, device: torch.d
                          "trainer.max_minutes=MORE", t.max_minutes, step, run_dir)
                 break
     report.done(step, clock, best)
+
+
+def draws_per_step(model) -> int:
+    """Batches a step reads per phase name at most: a phase that runs r times in a step (a GAN's d_steps) reads a
+    fresh batch each time, batches step * draws + 0 .. r - 1."""
+    return max(sum(p.name == q.name for q in model.phases) for p in model.phases)
+
+
+def due(model, batches, step: int, draws: int) -> tuple[tuple, list]:
+    """The phases that fall on `step` (a lazy phase every `every` steps) and each run's batch."""
+    phases = tuple(p for p in model.phases if step % p.every == 0)
+    runs = [sum(q.name == p.name for q in phases[:i]) for i, p in enumerate(phases)]
+    return phases, [batches(step * draws + r) for r in runs]
 
 
 def stepper(model, optimizers: dict, scalers: dict, speed: fast.FastPath):

@@ -87,15 +87,13 @@ def trial(family: str, mode: str, device: torch.device, seconds: float) -> dict:
     scalers = {o: torch.amp.GradScaler(device.type, enabled=speed.amp is torch.float16) for o in optimizers}
     batches = data.Batches(train_data, t.batch_size, cfg.seed, device, channels_last=speed.channels_last)
     run_step = loop.stepper(model, optimizers, scalers, speed)
-    draws = max(sum(p.name == q.name for q in model.phases) for p in model.phases)
+    draws = loop.draws_per_step(model)
     # Warm-up: every set of phases a step runs, past its capture and check (the 4th call of each graph).
     every = max(p.every for p in model.phases)
     warmup = 4 * every if mode == "captured" else 3
 
     def step(i: int) -> list:
-        phases = tuple(p for p in model.phases if i % p.every == 0)
-        runs = [sum(q.name == p.name for q in phases[:j]) for j, p in enumerate(phases)]
-        return run_step(phases, [batches(i * draws + r) for r in runs], i)
+        return run_step(*loop.due(model, batches, i, draws), i)
 
     first = {f"{name} (phase {j + 1})": float(v) for j, (loss, stats) in enumerate(step(0))
              for name, v in [("loss", loss), *stats.items()]}
