@@ -61,7 +61,7 @@ def test_eval_writes_every_requested_key_and_repeats_exactly(gentrain, metrics_c
     proc = evaluate(gentrain, metrics_cache, runs / "gan")
     result = json.loads((runs / "gan" / "checkpoints" / "eval.json").read_text())
     assert set(result["metrics"]) == GAN_KEYS
-    assert result["skipped"] == {"nll": "needs a VAE", "modes": "needs a 2-D toy dataset (ring8, grid25)"}
+    assert result["skipped"] == {"nll": "needs a VAE", "modes": "needs a dataset of known modes (ring8, grid25, stacked_mnist)"}
     assert result["n"] == 300 and result["step"] == 6 and "test accuracy" in result["spaces"]["classifier"]
     assert "fid@classifier" in proc.stdout and "test accuracy" in proc.stdout  # the table names its space
     assert all(v >= 0 for k, v in result["metrics"].items() if not k.startswith("kid"))

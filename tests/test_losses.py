@@ -27,6 +27,9 @@ REAL, FAKE = torch.tensor([2.0, -0.5]), torch.tensor([-1.0, 1.5])
     # + softplus(f - r.mean()), means over the pair; G: the same with real and fake swapped
     ("ragan", math.log1p(math.exp(-1.75)) + math.log1p(math.exp(0.75)),
      math.log1p(math.exp(1.75)) + math.log1p(math.exp(-0.75))),
+    # rpgan, pair by pair: D: mean(softplus(f - r)) = mean(softplus([-3, 2])); G: mean(softplus(r - f)) = mean(softplus([3, -2]))
+    ("rpgan", (math.log1p(math.exp(-3)) + math.log1p(math.exp(2))) / 2,
+     (math.log1p(math.exp(3)) + math.log1p(math.exp(-2))) / 2),
 ])
 def test_losses_match_hand_computed_values(name, d_expected, g_expected):
     loss = losses.LOSSES[name]
@@ -80,6 +83,63 @@ def test_r1_penalty_on_a_known_function():
     assert real.grad is None  # the caller's batch is left alone
 
 
+def test_rpgan_pairs_each_real_with_its_own_fake():
+    """Swapping the fakes between pairs changes RpGAN's loss (each margin counts), not RaGAN's average."""
+    real, fake = torch.tensor([3.0, 0.0]), torch.tensor([1.0, -2.0])
+    swapped = fake.flip(0)
+    assert not math.isclose(losses.d_loss_rpgan(real, fake).item(), losses.d_loss_rpgan(real, swapped).item())
+    assert math.isclose(losses.d_loss_ragan(real, fake).item(), losses.d_loss_ragan(real, swapped).item())
+    # D and G's losses are one function of the margin D(x) - D(G(z)), mirrored: f(-m) and f(m)
+    assert torch.allclose(losses.g_loss_rpgan(real, fake), losses.d_loss_rpgan(fake, real))
+
+
+def test_r2_penalty_and_its_gradient_against_autograd_on_a_tiny_d():
+    """R2 = E_z ||grad_x D(G(z))||^2 on a two-layer D; its value against the input gradient autograd gives
+    one sample at a time, and its gradient with respect to D's weights against torch.autograd.gradcheck's
+    finite differences (the second-order path D's update takes)."""
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1, bias=False)).double()  # D's last bias: no input gradient
+    fake = torch.randn(5, 3, dtype=torch.float64)
+    r2 = losses.r2_penalty(D, None, fake)
+    norms = []
+    for x in fake:
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(D(x[None]).sum(), x)
+        norms.append(g.pow(2).sum())
+    assert torch.allclose(r2.double(), torch.stack(norms).mean(), rtol=1e-10)
+    assert fake.grad is None and not fake.requires_grad  # the caller's batch is left alone
+    weights = list(D.parameters())
+
+    def penalty(*ws):
+        W1, b1, W2 = ws
+        f = lambda x: torch.tanh(x @ W1.T + b1) @ W2.T
+        x = fake.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        return g.pow(2).sum(1).mean()
+
+    assert torch.allclose(penalty(*weights), r2.double())
+    assert torch.autograd.gradcheck(penalty, [w.detach().clone().requires_grad_(True) for w in weights])
+    r2.backward()  # and the penalty's own backward gives autograd's gradient of that function
+    expected = torch.autograd.grad(penalty(*weights), weights)
+    assert all(torch.allclose(w.grad, e) for w, e in zip(weights, expected))
+
+
+def test_r1_and_r2_at_one_interval_share_a_dreg_phase_and_at_two_run_apart():
+    s = {"family": "gan", "loss": "rpgan", "z_dim": 8, "ch": 8, "r1": 0.1, "r2": 0.2}
+    one = build({**s, "r1_every": 4, "r2_every": 4}, 1, 28)
+    assert [p.name for p in one.phases] == ["D", "Dreg", "G"] and one.phases[1].every == 4
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    loss, stats = one.loss("Dreg", x)
+    assert set(stats) == {"D/r1", "D/r2"}
+    assert torch.allclose(loss, 4 * (0.05 * stats["D/r1"] + 0.1 * stats["D/r2"]))
+    two = build({**s, "r1_every": 2, "r2_every": 3}, 1, 28)
+    assert [(p.name, p.every) for p in two.phases] == [("D", 1), ("Dreg2", 2), ("Dreg3", 3), ("G", 1)]
+    assert set(two.loss("Dreg2", x)[1]) == {"D/r1"} and set(two.loss("Dreg3", x)[1]) == {"D/r2"}
+    every_step = build({**s, "r1_every": 1, "r2_every": 1}, 1, 28)
+    assert [p.name for p in every_step.phases] == ["D", "G"]
+    assert {"D/r1", "D/r2"} <= set(every_step.loss("D", x)[1])
+
+
 def test_penalties_pass_class_labels_to_a_conditional_d():
     seen = []
 
@@ -91,7 +151,8 @@ def test_penalties_pass_class_labels_to_a_conditional_d():
     y = torch.tensor([1, 0])
     losses.gradient_penalty(Cond([1.0, 0.0]), torch.zeros(2, 2), torch.ones(2, 2), y)
     losses.r1_penalty(Cond([1.0, 0.0]), torch.zeros(2, 2), None, y)
-    assert all(s is y for s in seen) and len(seen) == 2
+    losses.r2_penalty(Cond([1.0, 0.0]), None, torch.ones(2, 2), y)
+    assert all(s is y for s in seen) and len(seen) == 3
 
 
 def test_a_new_loss_is_one_function_and_one_table_line(monkeypatch):

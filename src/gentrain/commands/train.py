@@ -79,6 +79,8 @@ def optimizer_factory(optim_cfg: DictConfig, device: torch.device, fused: bool =
     cfg = OmegaConf.to_container(optim_cfg, resolve=True)
     scheduled = cfg.pop("scheduler", None) is not None  # scheduler_factory's
     per_phase = {k[len("lr_"):]: cfg.pop(k) for k in list(cfg) if k.startswith("lr_")}
+    if isinstance(cfg.get("betas"), list) and all(isinstance(b, (int, float)) for b in cfg["betas"]):
+        cfg["betas"] = [float(b) for b in cfg["betas"]]  # betas=[0,0.99]: torch wants floats, 0 is an int
     make = instantiate(cfg, _convert_="all")
     accepts = inspect.signature(make.func).parameters
     if fused and "fused" in accepts and "fused" not in cfg:

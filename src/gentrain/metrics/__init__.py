@@ -10,7 +10,7 @@ SCORES = {"fid": ("fid", True), "kid": ("kid", True), "precision": ("pr", False)
           "classes": ("classes", False), "class_kl": ("classes", True), "class_acc": ("classes", False),
           "nelbo": ("nll", True), "nll": ("nll", True), "nelbo_bpd": ("nll", True), "nll_bpd": ("nll", True),
           "distortion": ("nll", True),
-          "modes": ("modes", False), "hq": ("modes", False)}
+          "modes": ("modes", False), "hq": ("modes", False), "mode_kl": ("modes", True)}
 
 
 def skipped_metrics(compute, capabilities: frozenset | None, dataset) -> dict[str, str]:
@@ -24,8 +24,8 @@ def skipped_metrics(compute, capabilities: frozenset | None, dataset) -> dict[st
             skipped[m] = "this dataset has no labels"
         elif m in IMAGE_METRICS and dataset.points:
             skipped[m] = "this dataset holds 2-D points, not images"
-        elif m == "modes" and not dataset.points:
-            skipped[m] = "needs a 2-D toy dataset (ring8, grid25)"
+        elif m == "modes" and not dataset.modes:
+            skipped[m] = "needs a dataset of known modes (ring8, grid25, stacked_mnist)"
     return skipped
 
 

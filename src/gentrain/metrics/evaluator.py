@@ -84,8 +84,10 @@ class Evaluator:
                 self.class_space = self.space if self.space and self.space.name == "classifier" else \
                     features.classifier_space(dataset_cfg, cache, device)
                 self.class_ref = self._reference(self.class_space, split_images, cache)
-            if "modes" in self.compute:
+            if "modes" in self.compute and table.points:
                 self.modes = data.toy_modes(dataset_cfg.name)
+            elif "modes" in self.compute:  # Stacked MNIST: each channel is read by the MNIST classifier
+                self.modes = features.digit_reader(dataset_cfg, cache_dir_for(metrics_cfg, dataset_cfg), device)
             if "nll" in self.compute:
                 test = data.load(dataset_cfg, split="test")
                 nll_n = nll_n or metrics_cfg.nll_n or len(test.images)
@@ -129,11 +131,14 @@ class Evaluator:
     def score_images(self, images: torch.Tensor, requested: torch.Tensor | None = None) -> dict[str, float]:
         """Scores of a sample set (uint8 images, or 2-D points); `requested` are the classes a
         conditional model drew them for."""
-        if "modes" in self.compute:
+        if "modes" in self.compute and images.ndim == 2:
             means, std = self.modes
             modes, hq = scores.modes_covered(images, means, std)
             return {"modes": modes, "hq": hq}
         out = {}
+        if "modes" in self.compute:
+            digits = self.modes(data.stacked_digits(images)).view(len(images), 3)
+            out["modes"], out["mode_kl"] = scores.stacked_modes(digits)
         if self.space is not None:
             feats, logits = self.space.extract(images)
             at = "@" + self.space.name

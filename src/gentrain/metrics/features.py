@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
 from gentrain import checkpoint, data
@@ -60,6 +61,25 @@ def classifier_space(dataset_cfg, cache_dir: Path, device: torch.device) -> Feat
     return FeatureSpace("classifier", f"classifier ({info['dataset']} {info['image_size']}px, "
                         f"test accuracy {100 * acc:.2f}%)", f"classifier-{info['dataset']}-{info['image_size']}px-{digest}",
                         extract, info["num_classes"], acc)
+
+
+def digit_reader(dataset_cfg, cache_dir: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The digit gentrain's MNIST classifier (28 px) reads in each single-channel uint8 image, resized to
+    28 px first: how Stacked MNIST's modes are told apart (VEEGAN and PacGAN use an MNIST classifier too).
+    The MNIST files are only read if the classifier has to be trained (it ships with gentrain)."""
+    from omegaconf import OmegaConf
+
+    mnist = OmegaConf.create({"name": "mnist", "root": str(dataset_cfg.root), "image_size": 28,
+                              "download": dataset_cfg.get("download", True)})
+    model, info, _ = classifier.ensure(mnist, cache_dir, device)
+    log.info("modes: each channel read by the MNIST classifier (test accuracy %.2f%%)", 100 * info["test_accuracy"])
+
+    def read(images):
+        if images.shape[-1] != 28:
+            images = torch.cat([TF.resize(c, [28, 28], antialias=True) for c in images.split(4096)])
+        return _batched(lambda x: model(to_signed(x)), images, device, 1000)[1].argmax(1)
+
+    return read
 
 
 def inception_space(weights: str | None, device: torch.device) -> FeatureSpace:

@@ -3,7 +3,8 @@ regularisation, every r1_every steps) and G.
 
 The loss and D's regularisers (models/losses.py), DiffAugment, class conditioning and the EMA of G are
 chosen by the model config; the architectures are DCGAN (models/nets.py), SNGAN's ResNet
-(models/resnet.py) and an MLP for 2-D toy data.
+(models/resnet.py), R3GAN's normalisation-free ResNet (models/r3gan.py), FastGAN (models/lightweight.py)
+and an MLP for 2-D toy data.
 """
 
 import copy
@@ -25,9 +26,10 @@ from gentrain.models.family import Phase
 from gentrain.models.lightweight import LightweightD, LightweightG
 from gentrain.models.losses import Regulariser
 from gentrain.models.nets import MLP, Decoder, Encoder, dcgan_init, plan
+from gentrain.models.r3gan import R3GAND, R3GANG
 from gentrain.models.resnet import ResNetD, ResNetG
 
-ARCHS = ("dcgan", "resnet", "lightweight", "mlp")
+ARCHS = ("dcgan", "resnet", "r3gan", "lightweight", "mlp")
 
 
 class Projection(nn.Module):
@@ -134,7 +136,8 @@ class GAN(nn.Module):
 
     def __init__(self, channels: int, image_size: int, z_dim: int = 100, ch: int = 64, loss: str = "ns",
                  arch: str = "auto", depth: int = 3, d_steps: int = 1, d_norm: str = "auto", sn: bool = False,
-                 gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, ema: float = 0.0,
+                 gp: float = 10.0, clip: float = 0.01, r1: float = 0.0, r1_every: int = 16, r2: float = 0.0,
+                 r2_every: int = 16, ema: float = 0.0,
                  augment: list | str = (), augment_p: float | str = 1.0, ada_target: float = 0.6,
                  ada_interval: int = 4, ada_kimg: float = 500, conditional: bool = False, num_classes: int = 0,
                  reuse_fakes: bool = False):
@@ -157,9 +160,10 @@ class GAN(nn.Module):
         else:
             self.fixed_p = None if augment_p == 1 else float(augment_p)
         # D's regularisers: the gradient penalty belongs to wgan_gp and clipping to wgan, as in the papers;
-        # R1 (weight gamma / 2) goes with any loss.
+        # R1 and R2 (weight gamma / 2 each) go with any loss.
         self.regularisers = [*([Regulariser("gp", gp)] if loss == "wgan_gp" else []),
                              *([Regulariser("r1", 0.5 * r1, r1_every)] if r1 else []),
+                             *([Regulariser("r2", 0.5 * r2, r2_every)] if r2 else []),
                              *([Regulariser("clip", clip)] if loss == "wgan" else [])]
         # D's batch norm mixes examples, which WGAN-GP's per-example gradient penalty (Gulrajani et al.
         # 2017, Sec. 4) and spectral norm's Lipschitz bound do not allow for: auto leaves it out then. R1
@@ -175,10 +179,13 @@ class GAN(nn.Module):
         # forward fewer a step, so that phase records G's graph and hands the fakes over in the step's
         # `carry` (loop.Step), which lives for one step: nothing is kept on the model between phases.
         self.reuse_fakes = reuse_fakes
-        lazy = {reg.every for reg in self.lazy}
+        # The lazy penalties that share an interval share a Dreg phase (R1 and R2 at one interval: one phase).
+        intervals = sorted({reg.every for reg in self.lazy})
+        name = lambda every: "Dreg" if len(intervals) == 1 else f"Dreg{every}"
+        self.dreg = {name(every): [reg for reg in self.lazy if reg.every == every] for every in intervals}
         last_d = Phase("D", "D", records=("G",) if reuse_fakes else ())
         self.phases = (*[Phase("D", "D")] * (d_steps - 1), last_d,
-                       *[Phase("Dreg", "D", every) for every in sorted(lazy)], Phase("G", "G"))
+                       *[Phase(name(every), "D", every) for every in intervals], Phase("G", "G"))
         # D gives one logit (or critic score) per example; G's raw output is squashed to [-1, 1] for images.
         if arch == "dcgan":
             self.G = Decoder(z_dim, channels, image_size, ch, num_classes=self.num_classes)
@@ -192,6 +199,9 @@ class GAN(nn.Module):
             self.G = LightweightG(z_dim, channels, image_size, ch)
             self.D = LightweightD(channels, image_size, ch)
             dcgan_init(self)
+        elif arch == "r3gan":  # R3GAN (Huang et al. 2024): no normalisation, its own initialisation
+            self.G = R3GANG(z_dim, channels, image_size, ch)
+            self.D = R3GAND(channels, image_size, ch)
         elif arch == "resnet":
             # SNGAN's CIFAR-10 widths are 256 in G and 128 in D: ch=128 gives those.
             self.G = ResNetG(z_dim, channels, image_size, 2 * ch, self.num_classes)
@@ -228,14 +238,17 @@ class GAN(nn.Module):
             raise GentrainError(f"model.arch={s['arch']!r} is unknown; choose from {', '.join(ARCHS)}")
         arch = resolve_arch(s["arch"], facts.image_size)
         if (arch == "mlp") != facts.points:
-            raise GentrainError("model.arch=mlp is for 2-D points (dataset=ring8|grid25); images need model.arch=dcgan|resnet"
+            raise GentrainError("model.arch=mlp is for 2-D points (dataset=ring8|grid25); images need model.arch=dcgan|resnet|r3gan"
                                 if arch == "mlp" else f"model.arch={arch} needs images; this dataset holds 2-D points, "
                                 f"which need model.arch=mlp (or auto)")
         if not facts.points:
             plan(facts.image_size)
-        for key in ("z_dim", "ch", "depth", "d_steps", "r1_every", "ada_interval"):
+        for key in ("z_dim", "ch", "depth", "d_steps", "r1_every", "r2_every", "ada_interval"):
             integer(1)(f"model.{key}", s[key])
         positive()("model.ada_kimg", s["ada_kimg"])
+        if arch == "r3gan" and s["conditional"]:
+            raise GentrainError("model.arch=r3gan is unconditional here; use model.arch=dcgan or resnet with "
+                                "model.conditional=true")
         if arch == "lightweight" and (facts.image_size & (facts.image_size - 1) or s["conditional"]):
             raise GentrainError("model.arch=lightweight (FastGAN) needs an unconditional model and a power-of-two "
                                 f"image side, 128 to 512 px in the paper; got dataset.image_size={facts.image_size}"
@@ -246,16 +259,16 @@ class GAN(nn.Module):
                                 f"(0, 1); got augment_p={p!r}, ada_target={s['ada_target']}")
         if s["d_norm"] not in ("auto", "batch", "none"):
             raise GentrainError(f"model.d_norm must be auto, batch or none, got {s['d_norm']!r}")
-        gp, r1, clip, ema = s["gp"], s["r1"], s["clip"], s["ema"]
-        if not (gp >= 0 and r1 >= 0 and clip > 0 and 0 <= ema < 1):
-            raise GentrainError(f"need model.gp >= 0, model.r1 >= 0, model.clip > 0 and 0 <= model.ema < 1; "
-                                f"got gp={gp}, r1={r1}, clip={clip}, ema={ema}")
+        gp, r1, r2, clip, ema = s["gp"], s["r1"], s["r2"], s["clip"], s["ema"]
+        if not (gp >= 0 and r1 >= 0 and r2 >= 0 and clip > 0 and 0 <= ema < 1):
+            raise GentrainError(f"need model.gp >= 0, model.r1 >= 0, model.r2 >= 0, model.clip > 0 and 0 <= model.ema < 1; "
+                                f"got gp={gp}, r1={r1}, r2={r2}, clip={clip}, ema={ema}")
         try:
             augment = diffaug.parse(s["augment"])
         except ValueError as e:
             raise GentrainError(f"model.augment: {e}") from None
         if augment and facts.points:
-            raise GentrainError("model.augment (DiffAugment) transforms images; use it with model.arch=dcgan|resnet")
+            raise GentrainError("model.augment (DiffAugment) transforms images; use it with image data")
         if p != 1 and not augment:
             raise GentrainError(f"model.augment_p={p} sets how often the DiffAugment transforms apply, and "
                                 f"model.augment lists none; add them, e.g. model.augment=[color,translation,cutout]")
@@ -299,16 +312,20 @@ class GAN(nn.Module):
         aug = lambda images: diffaug.diff_augment(images, self.augment, p)
         # The penalties differentiate D's input gradient, a second backward that compiled networks
         # (trainer.compile) do not support: they run D's plain forward.
-        if phase == "Dreg":
+        noise = lambda: per_example(lambda m: self.noise(m, device=x.device), len(x))
+        if phase in self.dreg:
             # Lazy regularisation (Karras et al. 2020, Sec. 3.1): each penalty every `every` steps, scaled by
-            # `every` so its average weight is unchanged, on augmented reals as D sees them.
-            real_in, loss, stats = aug(x), 0.0, {}
-            for reg in self.lazy:
-                term = reg.penalty(self.D.forward, real_in, None, *cond)
+            # `every` so its average weight is unchanged, on augmented reals as D sees them, and R2 on fresh
+            # fakes, augmented as D sees them (G is not trained here: no graph of G is kept).
+            real_in, loss, stats, fake_in = aug(x), 0.0, {}, None
+            if any(reg.reads_fakes for reg in self.dreg[phase]):
+                with torch.no_grad():
+                    fake_in = aug(self._generate(self.G, noise(), y))
+            for reg in self.dreg[phase]:
+                term = reg.penalty(self.D.forward, real_in, fake_in, *cond)
                 loss = loss + reg.weight * reg.every * term
                 stats[f"D/{reg.name}"] = term.detach()
             return loss, stats
-        noise = lambda: per_example(lambda m: self.noise(m, device=x.device), len(x))
         if phase == "D":
             # G's graph is recorded only where G's parameters take gradients: in the phase that `records` G.
             with torch.set_grad_enabled(self.reuse_fakes and torch.is_grad_enabled()):

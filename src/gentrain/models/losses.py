@@ -85,6 +85,22 @@ def g_loss_ragan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return d_loss_ragan(fake, real)
 
 
+# The relativistic pairing GAN (RpGAN; Jolicoeur-Martineau 2019, Eq. 8 with f(t) = softplus(-t) = -log sigmoid(t);
+# Huang et al. 2024, R3GAN, Eq. 2): D compares each real image with one fake, pair by pair,
+#     D: E_{x, z}[f(D(x) - D(G(z)))]        G: E_{x, z}[f(D(G(z)) - D(x))],
+# where f(t) = softplus(-t). Unlike the average (ragan), every pair's margin counts: R3GAN (Sec. 2.1-2.2)
+# shows it has no mode-dropping maxima and, with R1 and R2 (below), local convergence. Real and fake
+# batches are paired in order; both come shuffled.
+
+
+def d_loss_rpgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(fake - real).mean()
+
+
+def g_loss_rpgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(real - fake).mean()
+
+
 @dataclass(frozen=True)
 class Loss:
     d: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]          # D's loss (real, fake)
@@ -101,6 +117,7 @@ LOSSES = {
     "hinge": Loss(d_loss_hinge, g_loss_wgan),
     "lsgan": Loss(d_loss_lsgan, g_loss_lsgan),
     "ragan": Loss(d_loss_ragan, g_loss_ragan, g_reads_real=True),
+    "rpgan": Loss(d_loss_rpgan, g_loss_rpgan, g_reads_real=True),
 }
 
 
@@ -128,6 +145,14 @@ def r1_penalty(D, real: torch.Tensor, fake: torch.Tensor | None = None, *args) -
     return _input_grad_norm2(D(x, *args).float(), x).mean()
 
 
+def r2_penalty(D, real: torch.Tensor | None, fake: torch.Tensor, *args) -> torch.Tensor:
+    """R2 (Mescheder et al. 2018, Eq. 10; Huang et al. 2024, Eq. 4): E_z[||grad_x D(x)||^2] at x = G(z), the
+    zero-centred penalty on fake data; the caller weighs it by gamma / 2. With R1 it keeps D flat where
+    either distribution lies, which R3GAN's local convergence proof (Sec. 2.2, Prop. 2) needs."""
+    x = fake.detach().requires_grad_(True)
+    return _input_grad_norm2(D(x, *args).float(), x).mean()
+
+
 @torch.no_grad()
 def clip_weights(D: torch.nn.Module, c: float) -> None:
     """WGAN's weight clipping to [-c, c] after each critic update (Arjovsky et al. 2017, Alg. 1)."""
@@ -135,7 +160,7 @@ def clip_weights(D: torch.nn.Module, c: float) -> None:
         p.clamp_(-c, c)
 
 
-PENALTIES = {"gp": gradient_penalty, "r1": r1_penalty}  # penalty(D, real, fake, *labels) -> scalar
+PENALTIES = {"gp": gradient_penalty, "r1": r1_penalty, "r2": r2_penalty}  # penalty(D, real, fake, *labels)
 CONSTRAINTS = {"clip": clip_weights}                     # constraint(D, weight), after D's step
 
 
@@ -153,6 +178,11 @@ class Regulariser:
     @property
     def constraint(self) -> bool:
         return self.name in CONSTRAINTS
+
+    @property
+    def reads_fakes(self) -> bool:
+        """The penalty is taken at G's samples (R2, the gradient penalty): a lazy one draws its own."""
+        return self.name in ("gp", "r2")
 
     def penalty(self, D, real: torch.Tensor, fake: torch.Tensor, *labels) -> torch.Tensor:
         return PENALTIES[self.name](D, real, fake, *labels)
