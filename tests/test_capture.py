@@ -215,3 +215,16 @@ def test_doctor_refuses_a_bad_argument_in_one_line(gentrain):
     assert_one_line_error(gentrain("doctor", "seconds=soon", check=False), "seconds must be a number")
     assert_one_line_error(gentrain("doctor", "device=tpu", check=False), "device must be one of auto|cpu|cuda")
     assert "Exits non-zero" in gentrain("doctor", "--help").stdout
+
+
+def test_r3gans_step_with_r2_in_its_dreg_phase_is_captured_and_ends_as_the_eager_run(gentrain, tmp_path, played):
+    """The Dreg phase of RpGAN + R1 + R2 draws fakes of its own (R2's): its noise comes from the RNG that
+    the check snapshots and restores, so the replayed run ends with the eager run's weights exactly."""
+    args = [*GAN, "experiment=r3gan", "dataset=mnist", "model.ch=8", "model.r1_every=2", "model.r2_every=2"]
+    gentrain(*args, "trainer.cuda_graphs=false", f"hydra.run.dir={tmp_path / 'eager'}")
+    played("agree")
+    gentrain(*args, f"hydra.run.dir={tmp_path / 'run'}")
+    log = log_of(tmp_path / "run")
+    assert "captured the (D, Dreg, G) step at step 7" in log and "captured the (D, G) step at step 8" in log
+    assert "D/r2" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert_same_weights(tmp_path / "eager", tmp_path / "run")

@@ -82,6 +82,9 @@ def test_r3gan_refuses_what_it_does_not_do(gentrain):
     assert_one_line_error(gentrain("model.arch=r3gan", "model.conditional=true", "trainer.steps=1", check=False),
                           "model.arch=r3gan is unconditional")
     assert_one_line_error(gentrain("model.r2=-1", "trainer.steps=1", check=False), "model.r2 >= 0")
+    assert_one_line_error(gentrain("dataset=stacked_mnist", "dataset.n=256", "trainer.steps=2", "trainer.eval_every=2",
+                                   "trainer.eval_metric=hq", "metrics=[modes]", check=False),
+                          "trainer.eval_metric=hq is not computed on stacked_mnist; use modes or mode_kl")
 
 
 def test_r3gan_on_stacked_mnist_trains_and_eval_prints_modes_and_kl(gentrain, tmp_path):
@@ -103,3 +106,19 @@ def test_r3gan_on_stacked_mnist_trains_and_eval_prints_modes_and_kl(gentrain, tm
     # the model rebuilds from its checkpoint alone
     model = build(settings, 3, 28)
     model.load_state_dict(ckpt["model"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_r3gan_with_lazy_r1_and_r2_captures_on_cuda_and_passes_the_check(gentrain, tmp_path, precision):
+    """The preset's step on a GPU (trainer.cuda_graphs=auto): the plain step and the one with the Dreg phase
+    (R1 and R2, which draws its own fakes) each captured and checked against the eager step, both kept."""
+    from test_fast import captures
+
+    run = tmp_path / "run"
+    gentrain("experiment=r3gan", "dataset=stacked_mnist", "dataset.n=2048", *FAST, "trainer.steps=12",
+             "model.r1_every=2", "model.r2_every=2", f"trainer.precision={precision}", "trainer.device=cuda",
+             f"hydra.run.dir={run}")
+    assert sorted(captures(run)) == ["(D, Dreg, G)", "(D, G)"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for line in lines for v in line.values() if isinstance(v, float))

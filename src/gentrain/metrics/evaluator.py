@@ -108,6 +108,10 @@ class Evaluator:
         if metric not in self.compute:
             computed = [n for n, (m, _) in SCORES.items() if m in self.compute]
             raise GentrainError(f"trainer.eval_metric={name} is not computed here; choose from {', '.join(computed)}")
+        points = data.dataset(self.dataset_cfg.name).points
+        if (name == "hq" and not points) or (name == "mode_kl" and points):
+            raise GentrainError(f"trainer.eval_metric={name} is not computed on {self.dataset_cfg.name}; "
+                                f"use {'modes or mode_kl' if not points else 'modes or hq'}")
         space = self.class_space if metric == "classes" else None if metric in ("nll", "modes") else self.space
         return (f"{name}@{space.name}" if space else name), lower
 

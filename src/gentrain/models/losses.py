@@ -4,7 +4,7 @@ and the tables that name them.
 A loss is a pair of functions of D's raw outputs on real and fake images, d(real, fake) for D and
 g(real, fake) for G; `model.loss=` picks a row of LOSSES. A loss whose G term reads D's real scores (the
 relativistic ones) says so, and G's phase then scores a real batch too; the others get real=None.
-A regulariser is a penalty added to D's loss (R1, the gradient penalty), which takes D and the images
+A regulariser is a penalty added to D's loss (R1, R2, the gradient penalty), which takes D and the images
 because it differentiates D's output with respect to its input, or a constraint on D's weights applied
 after D's optimizer step (weight clipping); `Regulariser` gives each its weight and interval.
 """
