@@ -47,12 +47,14 @@ STACKED = {
     "default": [],
     "default_rpgan": ["model.loss=rpgan", "model.r2=0.1"],
     "r3gan": ["experiment=r3gan"],
+    "r3gan_gamma01": ["experiment=r3gan", "model.r1=0.1", "model.r2=0.1"],
     "dcgan": ["baseline=dcgan_mnist"],
 }
 STACKED_DESCRIPTION = {
     "default": "today's default GAN (`model=gan`: DCGAN nets, hinge, lazy R1, EMA)",
     "default_rpgan": "the default with RpGAN + R1 + R2 (`model.loss=rpgan model.r2=0.1`)",
-    "r3gan": "`experiment=r3gan`: R3GAN's nets (ch=16), RpGAN + R1 + R2, Adam(2e-4, β = (0, 0.99))",
+    "r3gan": "`experiment=r3gan`: R3GAN's nets (ch=16), RpGAN + R1 + R2 (γ = 1), Adam(8e-4, β = (0, 0.99))",
+    "r3gan_gamma01": "the same with γ = 0.1 for R1 and R2 (`model.r1=0.1 model.r2=0.1`)",
     "dcgan": "plain DCGAN (`baseline=dcgan_mnist`: non-saturating loss, Adam(2e-4, β = (0.5, 0.999)))",
 }
 # Modes covered (of 1,000) and KL: VEEGAN (Srivastava et al. 2017, Table 2), PacGAN (Lin et al. 2018, Table 2,
