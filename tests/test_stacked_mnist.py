@@ -122,3 +122,22 @@ def test_r3gan_with_lazy_r1_and_r2_captures_on_cuda_and_passes_the_check(gentrai
     assert sorted(captures(run)) == ["(D, Dreg, G)", "(D, G)"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v) for line in lines for v in line.values() if isinstance(v, float))
+
+
+def test_the_stacked_table_prints_every_row_beside_the_published_ones():
+    """scripts/mode_collapse.py --table on the scores behind docs/stability.md: one line per recipe, its mean
+    and range over seeds, then the published rows."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "mode_collapse.py"), "--benchmark", "stacked",
+                          "--rows", "default,r3gan", "--table", str(REPO / "docs" / "stacked_mnist.json")],
+                         capture_output=True, text=True, check=True).stdout
+    runs = json.loads((REPO / "docs" / "stacked_mnist.json").read_text())
+    default = [r["modes"] for r in runs if r["row"] == "default"]
+    line = next(line for line in out.splitlines() if line.startswith("| today's default GAN"))
+    assert f"| {sum(default) / len(default):.0f} ({min(default)}-{max(default)}) |" in line
+    assert "| R3GAN, Config E (R3GAN, Table 3), published | 1000 | 0.029 | |" in out
+    assert "`experiment=r3gan`" in out and "plain DCGAN" not in out  # the rows asked for, no others
