@@ -91,7 +91,7 @@ def test_each_verbs_help_explains_each_key_it_lists(gentrain, verb, tmp_path):
     (["trainer.device=cuda"] , ["trainer.device=cuda but torch sees no CUDA GPU"]),
     (["dataset=folder"], ["dataset.root has no value"]),
     (["model.loss=wasserstein"], ["model.loss='wasserstein' is not a GAN loss"]),
-    (["model.arch=vit"], ["model.arch='vit' is unknown; choose from dcgan, resnet, lightweight, mlp"]),
+    (["model.arch=vit"], ["model.arch='vit' is unknown; choose from dcgan, resnet, r3gan, lightweight, mlp"]),
     (["model.augment=[color,flip]"], ["model.augment: 'flip' is not a DiffAugment transform"]),
     (["model.arch=mlp"], ["model.arch=mlp is for 2-D points"]),
     (["dataset=ring8", "model=vae"], ["model=vae models images", "holds 2-D points"]),
