@@ -35,13 +35,14 @@ def test_stacked_mnist_stacks_three_independent_mnist_digits(data_root):
 
 
 def test_modes_cover_the_real_stacked_digits_and_few_of_a_collapsed_sampler(data_root, tmp_path):
-    """10,000 real stacked digits (the protocol scores 26,000 samples) cover nearly all 1,000 modes at a
-    small KL; a sampler that repeats five images covers at most five, at a KL near log(1000 / 5)."""
+    """8,000 real stacked digits (the protocol scores 26,000 samples; 8,000 draws leave a mode empty with
+    probability e^-8) cover nearly all 1,000 modes at a small KL; a sampler that repeats five images covers
+    at most five, at a KL near log(1000 / 5)."""
     cfg = OmegaConf.create({"name": "stacked_mnist", "root": str(data_root), "image_size": 28})
     read = features.digit_reader(cfg, tmp_path, torch.device("cpu"))
-    real = stacked(data_root, split="test", n=10_000).images
+    real = stacked(data_root, split="test", n=8_000).images
     modes, kl = scores.stacked_modes(read(data.stacked_digits(real)).view(-1, 3))
-    assert modes >= 990 and kl < 0.15
+    assert modes >= 990 and kl < 0.2
     collapsed = real[:5].repeat(200, 1, 1, 1)
     modes, kl = scores.stacked_modes(read(data.stacked_digits(collapsed)).view(-1, 3))
     assert modes <= 5 and kl == pytest.approx(math.log(1000 / 5), abs=0.2)
