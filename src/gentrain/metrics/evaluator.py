@@ -87,7 +87,7 @@ class Evaluator:
             if "modes" in self.compute and table.points:
                 self.modes = data.toy_modes(dataset_cfg.name)
             elif "modes" in self.compute:  # Stacked MNIST: each channel is read by the MNIST classifier
-                self.modes = features.digit_reader(dataset_cfg, cache_dir_for(metrics_cfg, dataset_cfg), device)
+                self.read_digits = features.digit_reader(dataset_cfg, cache_dir_for(metrics_cfg, dataset_cfg), device)
             if "nll" in self.compute:
                 test = data.load(dataset_cfg, split="test")
                 nll_n = nll_n or metrics_cfg.nll_n or len(test.images)
@@ -141,7 +141,7 @@ class Evaluator:
             return {"modes": modes, "hq": hq}
         out = {}
         if "modes" in self.compute:
-            digits = self.modes(data.stacked_digits(images)).view(len(images), 3)
+            digits = self.read_digits(data.stacked_digits(images)).view(len(images), 3)
             out["modes"], out["mode_kl"] = scores.stacked_modes(digits)
         if self.space is not None:
             feats, logits = self.space.extract(images)
