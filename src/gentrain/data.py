@@ -164,11 +164,14 @@ def _load_torchvision(name: str, dataset_cfg, split: str, streamable: bool = Fal
     images = torch.as_tensor(ds.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
     data = ImageData(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), num_classes=len(ds.classes))
-    size = dataset_cfg.image_size
-    if data.image_size != size:
-        data.images = torch.cat([TF.resize(chunk, [size, size], antialias=True)
-                                 for chunk in data.images.split(4096)])
+    if data.image_size != dataset_cfg.image_size:
+        data.images = resize(data.images, dataset_cfg.image_size)
     return data
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) resized to size x size (antialiased), 4,096 at a time."""
+    return torch.cat([TF.resize(chunk, [size, size], antialias=True) for chunk in images.split(4096)])
 
 
 def _load_stacked(cfg, split: str, streamable: bool = False) -> ImageData:

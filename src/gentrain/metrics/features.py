@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
 from gentrain import checkpoint, data
@@ -76,7 +75,7 @@ def digit_reader(dataset_cfg, cache_dir: Path, device: torch.device) -> Callable
 
     def read(images):
         if images.shape[-1] != 28:
-            images = torch.cat([TF.resize(c, [28, 28], antialias=True) for c in images.split(4096)])
+            images = data.resize(images, 28)
         return _batched(lambda x: model(to_signed(x)), images, device, 1000)[1].argmax(1)
 
     return read

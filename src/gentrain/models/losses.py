@@ -130,6 +130,12 @@ def _input_grad_norm2(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tens
     return grad.flatten(1).pow(2).sum(1)
 
 
+def _zero_centred(D, images: torch.Tensor, *args) -> torch.Tensor:
+    """E[||grad_x D(x)||^2] at the given images, detached from whatever made them: R1's and R2's term."""
+    x = images.detach().requires_grad_(True)
+    return _input_grad_norm2(D(x, *args).float(), x).mean()
+
+
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, *args) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017, Eq. 3): E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = e x + (1 - e) G(z),
     e ~ U[0, 1] per example; the caller weighs it by lambda. `args` (class labels) go on to D."""
@@ -141,16 +147,14 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, *args) -> torch.
 def r1_penalty(D, real: torch.Tensor, fake: torch.Tensor | None = None, *args) -> torch.Tensor:
     """R1 (Mescheder et al. 2018, Eq. 9): E_x[||grad_x D(x)||^2] on real data only; the caller weighs it
     by gamma / 2. It pulls D's gradient to zero on the data manifold, where an equilibrium can hold."""
-    x = real.detach().requires_grad_(True)
-    return _input_grad_norm2(D(x, *args).float(), x).mean()
+    return _zero_centred(D, real, *args)
 
 
 def r2_penalty(D, real: torch.Tensor | None, fake: torch.Tensor, *args) -> torch.Tensor:
     """R2 (Mescheder et al. 2018, Eq. 10; Huang et al. 2024, Eq. 4): E_z[||grad_x D(x)||^2] at x = G(z), the
     zero-centred penalty on fake data; the caller weighs it by gamma / 2. With R1 it keeps D flat where
     either distribution lies, which R3GAN's local convergence proof (Sec. 2.2, Prop. 2) needs."""
-    x = fake.detach().requires_grad_(True)
-    return _input_grad_norm2(D(x, *args).float(), x).mean()
+    return _zero_centred(D, fake, *args)
 
 
 @torch.no_grad()
